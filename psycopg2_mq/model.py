@@ -1,0 +1,229 @@
+"""The tables: jobs, cursors and the worker registry used for liveness.
+
+``make_default_model(metadata)`` declares them on the caller's ``MetaData`` and
+returns a :class:`Model` holding the mapped classes, so that an application can
+put the queue next to its own tables and query them with its own sessions.
+
+The indexes are the part that matters most:
+
+* ``ix_mq_job_claim`` covers only *pending* jobs, so the claim query stays
+  cheap however many finished jobs pile up in the table.
+* ``uq_mq_job_pending_cursor`` makes "at most one pending collapsible job per
+  cursor" a database rule; ``MQSource.call`` collapses onto it with
+  ``INSERT .. ON CONFLICT DO NOTHING``.
+* ``uq_mq_job_active_cursor`` makes "at most one running-or-lost job per
+  cursor" a database rule: two workers can never run the same cursor at once,
+  even if the application code had a bug.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry
+
+
+class JobStates:
+    """The states of a job; see ``docs/architecture.md`` for the state machine."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    LOST = "lost"
+
+    ALL = (PENDING, RUNNING, COMPLETED, FAILED, CANCELED, LOST)
+    #: states a job never leaves
+    FINISHED = (COMPLETED, FAILED, CANCELED)
+    #: states that hold a job's cursor
+    HOLDING_CURSOR = (RUNNING, LOST)
+
+
+@dataclass(frozen=True)
+class Model:
+    """The mapped classes and table names of one queue installation."""
+
+    metadata: sa.MetaData
+    Job: type
+    JobCursor: type
+    Worker: type
+    states: type[JobStates]
+    #: first key of the advisory locks that workers hold while alive
+    lock_class: int
+
+    @property
+    def job_table(self) -> sa.Table:
+        return self.Job.__table__  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def cursor_table(self) -> sa.Table:
+        return self.JobCursor.__table__  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def worker_table(self) -> sa.Table:
+        return self.Worker.__table__  # type: ignore[attr-defined, no-any-return]
+
+
+def _sql_list(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def _qualified(metadata: sa.MetaData, name: str) -> str:
+    return f"{metadata.schema}.{name}" if metadata.schema else name
+
+
+def make_default_model(metadata: sa.MetaData) -> Model:
+    """Declare the queue's tables on ``metadata`` and return the :class:`Model`.
+
+    Call it once per ``MetaData``; the tables are ``mq_job``, ``mq_cursor``
+    and ``mq_worker`` (in ``metadata.schema`` if it has one).
+    """
+    reg = registry(metadata=metadata)
+
+    class Base(DeclarativeBase):
+        registry = reg
+
+    states = _sql_list(JobStates.ALL)
+    holding = _sql_list(JobStates.HOLDING_CURSOR)
+
+    class Job(Base):
+        """One call of ``queue.method(args)``; see ``JobStates``."""
+
+        __tablename__ = "mq_job"
+
+        id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+        queue: Mapped[str] = mapped_column(sa.Text)
+        method: Mapped[str] = mapped_column(sa.Text)
+        args: Mapped[Any] = mapped_column(JSONB)
+        result: Mapped[Any | None] = mapped_column(JSONB)
+        state: Mapped[str] = mapped_column(sa.Text)
+        cursor_key: Mapped[str | None] = mapped_column(sa.Text)
+        #: a pending collapsible job absorbs later calls on its cursor
+        collapsible: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
+        #: free-form provenance (who asked, retry_of, workflow step...)
+        trace: Mapped[Any | None] = mapped_column(JSONB)
+        created_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+        #: the job is not started before this time (``when``)
+        scheduled_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+        start_time: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+        end_time: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+        #: the worker (``mq_worker.id``) that claimed it last
+        worker_id: Mapped[int | None] = mapped_column(sa.Integer)
+        #: number of claims; also the fencing token a worker must present to finish it
+        attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+
+        __table_args__ = (
+            sa.CheckConstraint(f"state IN ({states})", name="ck_mq_job_state"),
+            sa.CheckConstraint("queue <> '' AND method <> ''", name="ck_mq_job_names"),
+            sa.Index(
+                "ix_mq_job_claim",
+                "queue",
+                "scheduled_time",
+                "id",
+                postgresql_where=sa.text("state = 'pending'"),
+            ),
+            sa.Index(
+                "uq_mq_job_pending_cursor",
+                "cursor_key",
+                unique=True,
+                postgresql_where=sa.text("state = 'pending' AND collapsible"),
+            ),
+            sa.Index(
+                "ix_mq_job_pending_cursor",
+                "cursor_key",
+                "scheduled_time",
+                "id",
+                postgresql_where=sa.text("state = 'pending' AND cursor_key IS NOT NULL"),
+            ),
+            sa.Index(
+                "uq_mq_job_active_cursor",
+                "cursor_key",
+                unique=True,
+                postgresql_where=sa.text(f"state IN ({holding})"),
+            ),
+            sa.Index(
+                "ix_mq_job_running_worker",
+                "worker_id",
+                postgresql_where=sa.text("state = 'running'"),
+            ),
+        )
+
+        def __repr__(self) -> str:
+            return f"<Job id={self.id} {self.queue}.{self.method} state={self.state}>"
+
+    class JobCursor(Base):
+        """Persistent state shared by the jobs of one ``cursor_key``."""
+
+        __tablename__ = "mq_cursor"
+
+        key: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+        properties: Mapped[Any] = mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
+        updated_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+    class Worker(Base):
+        """A live (or recently dead) worker; it holds advisory lock ``(lock_class, id)``."""
+
+        __tablename__ = "mq_worker"
+
+        id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+        name: Mapped[str] = mapped_column(sa.Text)
+        host: Mapped[str] = mapped_column(sa.Text)
+        pid: Mapped[int] = mapped_column(sa.Integer)
+        queues: Mapped[Any] = mapped_column(JSONB)
+        started_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+    job_table = _qualified(metadata, "mq_job")
+    _install_wake_trigger(Job.__table__, metadata.schema)
+    lock_class = zlib.crc32(job_table.encode()) & 0x7FFFFFFF
+    return Model(
+        metadata=metadata,
+        Job=Job,
+        JobCursor=JobCursor,
+        Worker=Worker,
+        states=JobStates,
+        lock_class=lock_class,
+    )
+
+
+def channel_sql(queue_expr: str) -> str:
+    """SQL for the LISTEN/NOTIFY channel of a queue; mirrors ``notify.channel_for``."""
+    return f"'mq_' || md5({queue_expr})"
+
+
+def wake_trigger_ddl(schema: str | None) -> tuple[str, str]:
+    """The statement-level trigger that wakes workers when jobs are inserted.
+
+    Returns ``(create, drop)`` SQL. It sends one NOTIFY per distinct queue of
+    the inserted pending jobs; PostgreSQL delivers it when the inserting
+    transaction commits, so workers never wake for a job they cannot see yet.
+    """
+    prefix = f'"{schema}".' if schema else ""
+    create = f"""
+CREATE FUNCTION {prefix}mq_job_wake_on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify({channel_sql("q.queue")}, '')
+    FROM (SELECT DISTINCT queue FROM new_jobs WHERE state = 'pending') AS q;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER mq_job_wake_on_insert AFTER INSERT ON {prefix}mq_job
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION {prefix}mq_job_wake_on_insert();
+"""
+    drop = f"""
+DROP TRIGGER IF EXISTS mq_job_wake_on_insert ON {prefix}mq_job;
+DROP FUNCTION IF EXISTS {prefix}mq_job_wake_on_insert();
+"""
+    return create, drop
+
+
+def _install_wake_trigger(table: sa.Table, schema: str | None) -> None:
+    create, drop = wake_trigger_ddl(schema)
+    sa.event.listen(table, "after_create", sa.DDL(create))
+    sa.event.listen(table, "before_drop", sa.DDL(drop))
