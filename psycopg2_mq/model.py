@@ -108,6 +108,9 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         collapsible: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
         #: free-form provenance (who asked, retry_of, workflow step...)
         trace: Mapped[Any | None] = mapped_column(JSONB)
+        #: a call ({queue, method, args, cursor_key}) enqueued, in the same
+        #: transaction, when this job becomes completed, failed or canceled
+        on_finish: Mapped[Any | None] = mapped_column(JSONB)
         created_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
         #: the job is not started before this time (``when``)
         scheduled_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
@@ -197,13 +200,17 @@ def channel_sql(queue_expr: str) -> str:
 
 
 def wake_trigger_ddl(schema: str | None) -> tuple[str, str]:
-    """The statement-level trigger that wakes workers when jobs are inserted.
+    """The triggers of ``mq_job``; returns ``(create, drop)`` SQL.
 
-    Returns ``(create, drop)`` SQL. It sends one NOTIFY per distinct queue of
-    the inserted pending jobs; PostgreSQL delivers it when the inserting
-    transaction commits, so workers never wake for a job they cannot see yet.
+    * ``mq_job_wake_on_insert`` sends one NOTIFY per distinct queue of the
+      inserted pending jobs; PostgreSQL delivers it when the inserting
+      transaction commits, so workers never wake for a job they cannot see yet.
+    * ``mq_job_call_on_finish`` enqueues a job's ``on_finish`` call in the
+      transaction that finishes it, whichever path finishes it (a worker, a
+      cancel, failing a lost job). The WHEN clause keeps it free for other jobs.
     """
     prefix = f'"{schema}".' if schema else ""
+    finished = _sql_list(JobStates.FINISHED)
     create = f"""
 CREATE FUNCTION {prefix}mq_job_wake_on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -215,8 +222,31 @@ $$;
 CREATE TRIGGER mq_job_wake_on_insert AFTER INSERT ON {prefix}mq_job
     REFERENCING NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION {prefix}mq_job_wake_on_insert();
+
+CREATE FUNCTION {prefix}mq_job_call_on_finish() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- collapses onto a pending collapsible job of the same cursor, like MQSource.call
+    INSERT INTO {prefix}mq_job (queue, method, args, state, cursor_key, trace)
+    VALUES (
+        NEW.on_finish->>'queue',
+        NEW.on_finish->>'method',
+        coalesce(NEW.on_finish->'args', '{{}}'::jsonb),
+        'pending',
+        NEW.on_finish->>'cursor_key',
+        jsonb_build_object('on_finish_of', NEW.id)
+    )
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER mq_job_call_on_finish AFTER UPDATE OF state ON {prefix}mq_job
+    FOR EACH ROW
+    WHEN (NEW.on_finish IS NOT NULL AND NEW.state IN ({finished}) AND OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION {prefix}mq_job_call_on_finish();
 """
     drop = f"""
+DROP TRIGGER IF EXISTS mq_job_call_on_finish ON {prefix}mq_job;
+DROP FUNCTION IF EXISTS {prefix}mq_job_call_on_finish();
 DROP TRIGGER IF EXISTS mq_job_wake_on_insert ON {prefix}mq_job;
 DROP FUNCTION IF EXISTS {prefix}mq_job_wake_on_insert();
 """

@@ -1,0 +1,31 @@
+"""Strict JSON for what goes into ``jsonb`` columns.
+
+PostgreSQL's ``jsonb`` rejects NaN/Infinity and the NUL character, which
+Python's ``json`` happily produces; checking here turns a late database error
+(after the job ran) into a clear error where the value was made.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class NotJSONError(TypeError):
+    """A value cannot be stored as JSON."""
+
+
+def dumps(value: Any, what: str = "value") -> str:
+    """Serialize ``value`` for a ``jsonb`` column or raise :class:`NotJSONError`."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise NotJSONError(f"{what} must be JSON-serializable: {exc}") from None
+    if "\\u0000" in text:
+        raise NotJSONError(f"{what} contains a NUL character, which PostgreSQL jsonb cannot store")
+    return text
+
+
+def scrub(text: str) -> str:
+    """Make free text (exception messages, tracebacks) storable in ``jsonb``."""
+    return text.replace("\x00", "\\x00")

@@ -1,0 +1,68 @@
+"""Liveness: each worker holds an advisory lock; dead workers' jobs become lost.
+
+The lock ``(model.lock_class, worker id)`` is a session-level advisory lock held
+by the worker's dispatcher connection, the same connection it claims with.
+PostgreSQL releases it the moment that session ends (the process was killed,
+the connection dropped), so "is the lock held?" is an exact test of liveness
+that needs no heartbeat and no clock. Any live worker runs ``mark_lost_jobs``
+every maintenance interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from ._queries import Queries
+
+log = logging.getLogger("psycopg2_mq.liveness")
+
+
+def register_worker(
+    conn: Any, queries: Queries, lock_class: int, name: str, queues: Iterable[str], worker_id: int | None = None
+) -> int:
+    """Register this worker and take its lock; returns the worker id.
+
+    With ``worker_id`` (after a reconnect) it takes the same lock again if it
+    can, so that jobs still running under that id are not given up; otherwise
+    it registers anew.
+    """
+    with conn.cursor() as cur:
+        if worker_id is not None:
+            cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (lock_class, worker_id))
+            row = cur.fetchone()
+            if row is not None and row[0]:
+                return worker_id
+        cur.execute(
+            queries.register_worker,
+            {
+                "name": name,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": json.dumps(sorted(queues)),
+                "lock_class": lock_class,
+            },
+        )
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def unregister_worker(conn: Any, queries: Queries, lock_class: int, worker_id: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute(queries.unregister_worker, {"worker_id": worker_id, "lock_class": lock_class})
+
+
+def mark_lost_jobs(conn: Any, queries: Queries, lock_class: int) -> list[int]:
+    """Mark lost the running jobs of workers that died; returns their ids."""
+    with conn.cursor() as cur:
+        cur.execute(queries.mark_lost_jobs, {"lock_class": lock_class})
+        row = cur.fetchone()
+    lost = list(row[0]) if row else []
+    if lost:
+        log.warning("marked %d job(s) lost, their worker died: %s", len(lost), lost)
+    return lost

@@ -1,0 +1,71 @@
+"""LISTEN/NOTIFY: how workers are woken instead of polling.
+
+A queue's channel is ``mq_`` + md5(queue name): always a valid identifier
+under PostgreSQL's 63-byte limit, whatever the queue is called (``Mail.Outbox``,
+quotes, spaces, unicode). ``model.channel_sql`` computes the same in SQL, for
+the NOTIFYs sent by triggers and by the completion statement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+from collections.abc import Iterable
+from typing import Any
+
+
+def channel_for(queue: str) -> str:
+    """The NOTIFY channel of ``queue``."""
+    return "mq_" + hashlib.md5(queue.encode("utf-8")).hexdigest()
+
+
+def listen(conn: Any, queues: Iterable[str]) -> None:
+    """Subscribe an autocommit psycopg2 connection to the channels of ``queues``."""
+    with conn.cursor() as cur:
+        for queue in queues:
+            cur.execute(f'LISTEN "{channel_for(queue)}"')
+
+
+class Waker:
+    """A self-pipe: lets other threads interrupt the dispatcher's ``select()``."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # pipe full: a wake-up is pending anyway
+            os.write(self._write, b"x")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+def wait(conn: Any, waker: Waker, timeout: float | None) -> bool:
+    """Block until a notification arrives on ``conn``, the waker fires, or the timeout.
+
+    Returns True if ``conn`` received notifications (they are consumed here:
+    any notification just means "look again").
+    """
+    readable, _, _ = select.select([conn, waker], [], [], timeout)
+    if waker in readable:
+        waker.drain()
+    notified = False
+    if conn in readable:
+        conn.poll()
+    if conn.notifies:
+        notified = True
+        conn.notifies.clear()
+    return notified

@@ -1,0 +1,186 @@
+"""The SQL the worker runs, in one place.
+
+Each statement is one round trip, run in autocommit mode, so it is also one
+transaction: there is no window in which a worker holds a half-done change.
+Parameters use psycopg2's ``%(name)s`` style; ``{job}``, ``{cursor}`` and
+``{worker}`` are the model's table names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from .model import Model, channel_sql
+
+# Claim up to %(limit)s due jobs of the worker's queues.
+#
+# Why it is safe under concurrency:
+# * FOR UPDATE SKIP LOCKED: two workers never lock the same pending row; a row
+#   claimed meanwhile fails the re-check of ``state = 'pending'`` and is skipped.
+# * A job whose cursor has a running or lost job is not a candidate, and at most
+#   one job per cursor is taken per claim (row_number). Should two claims still
+#   race onto one cursor (possible only with non-collapsible jobs, from a stale
+#   snapshot), the unique index ``uq_mq_job_active_cursor`` rejects the second
+#   and the worker simply claims again.
+# * ``scheduled_time <= now()`` and ``start_time = now()`` use the same database
+#   clock, so no job starts before its ``when``.
+# * ``attempts + 1`` is the fencing token the completion must present.
+#
+# Speed: the LATERAL per queue walks the partial index ``ix_mq_job_claim``
+# (pending rows only) in (scheduled_time, id) order and stops after %(limit)s.
+CLAIM_JOBS = """
+WITH candidates AS (
+    SELECT c.id, c.cursor_key, c.scheduled_time
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.cursor_key, j.scheduled_time
+        FROM {job} AS j
+        WHERE j.state = 'pending' AND j.queue = q.name AND j.scheduled_time <= now()
+          AND (j.cursor_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM {job} AS h
+                WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')))
+        ORDER BY j.scheduled_time, j.id
+        LIMIT %(limit)s
+        FOR UPDATE OF j SKIP LOCKED
+    ) AS c
+),
+chosen AS (
+    SELECT id FROM (
+        SELECT id, cursor_key, scheduled_time,
+               row_number() OVER (PARTITION BY cursor_key ORDER BY scheduled_time, id) AS nth
+        FROM candidates
+    ) AS ranked
+    WHERE cursor_key IS NULL OR nth = 1
+    ORDER BY scheduled_time, id
+    LIMIT %(limit)s
+)
+UPDATE {job} AS j
+SET state = 'running', start_time = now(), end_time = NULL,
+    worker_id = %(worker_id)s, attempts = j.attempts + 1
+FROM chosen
+WHERE j.id = chosen.id
+RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
+    CASE WHEN j.cursor_key IS NULL THEN NULL
+         ELSE coalesce((SELECT cu.properties FROM {cursor} AS cu WHERE cu.key = j.cursor_key), '{{}}'::jsonb)
+    END AS cursor
+"""
+
+# Seconds until the next job of these queues may be claimed (<= 0: one is due
+# now but was locked by another claim), or NULL when nothing is pending.
+# Jobs blocked by their cursor are left out: freeing a cursor sends a NOTIFY.
+SECONDS_UNTIL_NEXT_JOB = """
+SELECT EXTRACT(EPOCH FROM (min(nxt.scheduled_time) - clock_timestamp()))::float8
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN LATERAL (
+    SELECT j.scheduled_time FROM {job} AS j
+    WHERE j.state = 'pending' AND j.queue = q.name
+      AND (j.cursor_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {job} AS h
+            WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')))
+    ORDER BY j.scheduled_time, j.id
+    LIMIT 1
+) AS nxt
+"""
+
+# Finish a claimed job: its state and result, its cursor (when %(cursor)s is
+# not NULL) and a NOTIFY for the next job waiting on that cursor, in one
+# statement and so one transaction.
+#
+# Fencing: the UPDATE matches only while the job is still ``running`` with the
+# attempt this worker claimed; a worker presumed dead (its job marked lost, or
+# retried and claimed again) matches nothing and writes nothing, cursor included.
+FINISH_JOB = """
+WITH done AS (
+    UPDATE {job}
+    SET state = %(state)s, result = %(result)s::jsonb, end_time = now()
+    WHERE id = %(id)s AND state = 'running' AND attempts = %(attempt)s
+    RETURNING cursor_key
+),
+saved AS (
+    INSERT INTO {cursor} AS cu (key, properties, updated_time)
+    SELECT done.cursor_key, %(cursor)s::jsonb, now() FROM done
+    WHERE done.cursor_key IS NOT NULL AND %(cursor)s::jsonb IS NOT NULL
+    ON CONFLICT (key) DO UPDATE SET properties = excluded.properties, updated_time = excluded.updated_time
+    RETURNING 1
+),
+woken AS (
+    SELECT pg_notify({channel}, '') FROM (
+        SELECT DISTINCT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
+        WHERE p.state = 'pending'
+    ) AS p
+)
+SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
+"""
+
+# Register a worker and take its liveness lock in the same statement, so no
+# other worker can ever see the row without the lock being held.
+REGISTER_WORKER = """
+INSERT INTO {worker} (name, host, pid, queues)
+VALUES (%(name)s, %(host)s, %(pid)s, %(queues)s::jsonb)
+RETURNING id, pg_advisory_lock(%(lock_class)s, id::int) IS NULL
+"""
+
+UNREGISTER_WORKER = """
+WITH gone AS (DELETE FROM {worker} WHERE id = %(worker_id)s)
+SELECT pg_advisory_unlock(%(lock_class)s, %(worker_id)s::int)
+"""
+
+# Mark ``lost`` the running jobs whose worker no longer holds its advisory lock:
+# PostgreSQL released it when the worker's session ended (process killed,
+# connection dropped). A live worker always holds the lock before it claims, on
+# the very connection it claims with, so a running job of a live worker is
+# never matched. Also forgets the registry rows of dead workers.
+MARK_LOST_JOBS = """
+WITH alive AS MATERIALIZED (
+    SELECT l.objid::bigint AS worker_id FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.classid = %(lock_class)s::bigint::oid
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+),
+lost AS (
+    UPDATE {job} AS j SET state = 'lost', end_time = now()
+    WHERE j.state = 'running' AND j.worker_id NOT IN (SELECT worker_id FROM alive)
+    RETURNING j.id
+),
+forgotten AS (
+    DELETE FROM {worker} AS w WHERE w.id NOT IN (SELECT worker_id FROM alive) RETURNING w.id
+)
+SELECT array(SELECT id FROM lost ORDER BY id), (SELECT count(*) FROM forgotten)
+"""
+
+
+def _table_sql(table: sa.Table) -> str:
+    if table.schema:
+        return f'"{table.schema}"."{table.name}"'
+    return table.name
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The statements above, with the model's table names filled in."""
+
+    claim_jobs: str
+    seconds_until_next_job: str
+    finish_job: str
+    register_worker: str
+    unregister_worker: str
+    mark_lost_jobs: str
+
+    @classmethod
+    def for_model(cls, model: Model) -> Queries:
+        names = {
+            "job": _table_sql(model.job_table),
+            "cursor": _table_sql(model.cursor_table),
+            "worker": _table_sql(model.worker_table),
+            "channel": channel_sql("p.queue"),
+        }
+        return cls(
+            claim_jobs=CLAIM_JOBS.format(**names),
+            seconds_until_next_job=SECONDS_UNTIL_NEXT_JOB.format(**names),
+            finish_job=FINISH_JOB.format(**names),
+            register_worker=REGISTER_WORKER.format(**names),
+            unregister_worker=UNREGISTER_WORKER.format(**names),
+            mark_lost_jobs=MARK_LOST_JOBS.format(**names),
+        )

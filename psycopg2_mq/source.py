@@ -1,0 +1,441 @@
+"""``MQSource``: the client API to queue jobs and look after them.
+
+It works inside the caller's SQLAlchemy session and never commits: a job, and
+the NOTIFY that wakes workers for it, become visible when the caller commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from . import _json
+from ._notify import channel_for
+from .errors import InvalidJobStateError, JobNotFoundError
+from .model import JobStates, Model
+
+#: the arbiter of collapsing: the partial unique index uq_mq_job_pending_cursor
+_PENDING_COLLAPSIBLE = sa.text("state = 'pending' AND collapsible")
+
+
+@dataclass
+class CallRequest:
+    """A call as requested, handed to a ``conflict_resolver``."""
+
+    queue: str
+    method: str
+    args: Any
+    when: datetime | timedelta | None = None
+    cursor_key: str | None = None
+    trace: Any = None
+    on_finish: dict[str, Any] | None = None
+    collapse_on_cursor: bool = True
+
+
+ConflictResolver = Callable[[Any, CallRequest], None]
+
+
+class MQSource:
+    """Queue and manage jobs within the caller's transaction.
+
+    ``dbsession`` is a SQLAlchemy ``Session``; ``model`` comes from
+    ``make_default_model``. No method commits.
+    """
+
+    def __init__(self, *, dbsession: Session, model: Model) -> None:
+        self.dbsession = dbsession
+        self.model = model
+
+    # -- queueing -------------------------------------------------------------
+
+    def call(
+        self,
+        queue: str,
+        method: str,
+        args: Any,
+        *,
+        when: datetime | timedelta | None = None,
+        cursor_key: str | None = None,
+        collapse_on_cursor: bool = True,
+        conflict_resolver: ConflictResolver | None = None,
+        trace: Any = None,
+        on_finish: dict[str, Any] | None = None,
+    ) -> Any:
+        """Queue ``queue.method(args)`` and return the job (a ``model.Job``).
+
+        ``when``: not before this time (aware datetime; naive means UTC) or
+        this long from now (``timedelta``), on the database clock.
+        ``cursor_key``: serialize with the other jobs of this key and share
+        ``job.cursor``. While a collapsible job is pending on the cursor, the
+        call returns that job and queues nothing (``collapse_on_cursor=False``
+        queues a new job that waits its turn). ``conflict_resolver(pending_job,
+        request)`` may then update the pending job (it is locked meanwhile).
+        ``on_finish``: a call ``{queue, method, args, cursor_key}`` queued in the
+        transaction that makes this job completed, failed or canceled.
+        """
+        request = CallRequest(
+            queue=queue,
+            method=method,
+            args=args,
+            when=when,
+            cursor_key=cursor_key,
+            trace=trace,
+            on_finish=on_finish,
+            collapse_on_cursor=collapse_on_cursor,
+        )
+        values = _validated_values(request)
+        if conflict_resolver is not None and (cursor_key is None or not collapse_on_cursor):
+            raise ValueError("conflict_resolver needs a cursor_key and collapse_on_cursor=True")
+        Job = self.model.Job
+        stmt = pg_insert(Job).values(**values)
+        collapsing = cursor_key is not None and collapse_on_cursor
+        if collapsing:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["cursor_key"], index_where=_PENDING_COLLAPSIBLE)
+        stmt = stmt.returning(Job)
+        # A collapse target can be claimed between our INSERT and SELECT; then
+        # the cursor has no pending job any more and inserting again succeeds.
+        for _ in range(10):
+            job = self.dbsession.scalars(stmt).one_or_none()
+            if job is not None:
+                return job
+            existing = self._pending_on_cursor(cursor_key, lock=conflict_resolver is not None)
+            if existing is not None:
+                if conflict_resolver is not None:
+                    conflict_resolver(existing, request)
+                    self.dbsession.flush()
+                    # its time may have moved; workers re-read the next due job
+                    self._notify(existing.queue)
+                return existing
+        raise RuntimeError(f"could not queue on cursor {cursor_key!r}: it kept changing under us")
+
+    def call_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
+        """Queue many calls in one statement; return their job ids, in order.
+
+        Each call is a ``(queue, method, args)`` tuple or a dict with the
+        keyword arguments of :meth:`call` (no ``conflict_resolver``). Cursor rules
+        hold as for :meth:`call`, within the batch too: a collapsed call gets
+        the id of the pending job it collapsed onto. All calls are validated
+        before anything is written.
+        """
+        items = []
+        for entry in calls:
+            if isinstance(entry, dict):
+                if "conflict_resolver" in entry:
+                    raise ValueError("call_many does not take a conflict_resolver")
+                request = CallRequest(**entry)
+            else:
+                request = CallRequest(*entry)
+            items.append(_bulk_item(request))
+        if not items:
+            return []
+        rows = self._connection().exec_driver_sql(
+            _bulk_insert_sql(self.model), {"items": "[" + ",".join(items) + "]"}
+        ).all()
+        ids: list[int] = []
+        for ordinal, job_id in rows:
+            if job_id is None:
+                # the job it collapsed onto was claimed meanwhile: queue it on its own
+                job = self.call(**_call_kwargs(json.loads(items[ordinal - 1])))
+                job_id = job.id
+            ids.append(job_id)
+        return ids
+
+    # -- inspecting -----------------------------------------------------------
+
+    def get_job(self, job_id: int) -> Any:
+        """The ``model.Job`` with this id, or ``None``."""
+        return self.dbsession.get(self.model.Job, job_id)
+
+    def find_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        method: str | None = None,
+        state: str | Iterable[str] | None = None,
+        cursor_key: str | None = None,
+        limit: int | None = 100,
+    ) -> list[Any]:
+        """Jobs matching all the given filters, newest first."""
+        Job = self.model.Job
+        query = sa.select(Job).order_by(Job.id.desc())
+        if queue is not None:
+            query = query.where(Job.queue == queue)
+        if method is not None:
+            query = query.where(Job.method == method)
+        if state is not None:
+            states = [state] if isinstance(state, str) else list(state)
+            unknown = set(states) - set(JobStates.ALL)
+            if unknown:
+                raise ValueError(f"unknown job states: {sorted(unknown)}")
+            query = query.where(Job.state.in_(states))
+        if cursor_key is not None:
+            query = query.where(Job.cursor_key == cursor_key)
+        if limit is not None:
+            query = query.limit(limit)
+        return list(self.dbsession.scalars(query))
+
+    def get_cursor(self, cursor_key: str) -> dict[str, Any] | None:
+        """The saved data of a cursor, or ``None`` if no job completed on it yet."""
+        row = self.dbsession.get(self.model.JobCursor, cursor_key)
+        return None if row is None else row.properties
+
+    # -- managing -------------------------------------------------------------
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Cancel a pending job; ``False`` if it already left ``pending``."""
+        Job = self.model.Job
+        canceled = self.dbsession.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.state == JobStates.PENDING)
+            .values(state=JobStates.CANCELED, end_time=sa.func.now())
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if canceled is None:
+            self._require(job_id)
+            return False
+        self._expire(job_id)
+        return True
+
+    def retry_job(self, job_id: int) -> Any:
+        """Queue a new job with the same call; return it.
+
+        The job must be finished (completed, failed, canceled) or lost. A lost
+        job is failed first, which frees its cursor; its ``on_finish`` call
+        moves to the new job. The new job's trace records ``retry_of``.
+        """
+        job = self._require(job_id, lock=True)
+        retryable = (*JobStates.FINISHED, JobStates.LOST)
+        if job.state not in retryable:
+            raise InvalidJobStateError(f"job {job_id} is {job.state}; only {', '.join(retryable)} jobs can be retried")
+        on_finish = job.on_finish
+        if job.state == JobStates.LOST:
+            self._finish_lost(job, _lost_error("retried"), keep_on_finish=False)
+        trace = dict(job.trace) if isinstance(job.trace, dict) else {"original_trace": job.trace}
+        trace["retry_of"] = job.id
+        return self.call(
+            job.queue,
+            job.method,
+            job.args,
+            cursor_key=job.cursor_key,
+            collapse_on_cursor=job.collapsible if job.cursor_key else True,
+            trace=trace,
+            on_finish=on_finish,
+        )
+
+    def fail_lost_job(self, job_id: int, result: Any = None) -> Any:
+        """Fail a lost job, freeing its cursor; return it."""
+        job = self._require(job_id, lock=True)
+        if job.state != JobStates.LOST:
+            raise InvalidJobStateError(f"job {job_id} is {job.state}, not lost")
+        self._finish_lost(job, _lost_error("failed by fail_lost_job") if result is None else result)
+        return job
+
+    # -- internals ------------------------------------------------------------
+
+    def _finish_lost(self, job: Any, result: Any, keep_on_finish: bool = True) -> None:
+        _json.dumps(result, "result")
+        job.state = JobStates.FAILED
+        job.result = result
+        if not keep_on_finish:
+            job.on_finish = None
+        self.dbsession.flush()
+        if job.cursor_key is not None:
+            # the cursor is free now: wake the workers of the job waiting on it
+            Job = self.model.Job
+            waiting = self.dbsession.scalars(
+                sa.select(Job.queue)
+                .where(Job.cursor_key == job.cursor_key, Job.state == JobStates.PENDING)
+                .distinct()
+            )
+            for queue in waiting:
+                self._notify(queue)
+
+    def _pending_on_cursor(self, cursor_key: str | None, lock: bool) -> Any:
+        Job = self.model.Job
+        query = sa.select(Job).where(
+            Job.cursor_key == cursor_key, Job.state == JobStates.PENDING, Job.collapsible.is_(True)
+        )
+        if lock:
+            query = query.with_for_update()
+        return self.dbsession.scalars(query.execution_options(populate_existing=True)).one_or_none()
+
+    def _require(self, job_id: int, lock: bool = False) -> Any:
+        job = self.dbsession.get(
+            self.model.Job, job_id, with_for_update=lock or None, populate_existing=True
+        )
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return job
+
+    def _expire(self, job_id: int) -> None:
+        job = self.dbsession.identity_map.get(sa.inspect(self.model.Job).identity_key_from_primary_key((job_id,)))
+        if job is not None:
+            self.dbsession.expire(job)
+
+    def _notify(self, queue: str) -> None:
+        self.dbsession.execute(sa.select(sa.func.pg_notify(channel_for(queue), "")))
+
+    def _connection(self) -> sa.Connection:
+        return self.dbsession.connection()
+
+
+# -- validation -------------------------------------------------------------------
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain a NUL character")
+    return value
+
+
+def _check_when(when: Any) -> datetime | timedelta | None:
+    if when is None or isinstance(when, timedelta):
+        return when
+    if isinstance(when, datetime):
+        return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    raise TypeError(f"when must be a datetime, a timedelta or None, got {type(when).__name__}")
+
+
+def _check_on_finish(on_finish: Any) -> dict[str, Any] | None:
+    if on_finish is None:
+        return None
+    if not isinstance(on_finish, dict):
+        raise TypeError("on_finish must be a dict {queue, method, args, cursor_key}")
+    unknown = set(on_finish) - {"queue", "method", "args", "cursor_key"}
+    if unknown:
+        raise ValueError(f"on_finish has unknown keys: {sorted(unknown)}")
+    _check_name(on_finish.get("queue"), "on_finish queue")
+    _check_name(on_finish.get("method"), "on_finish method")
+    if on_finish.get("cursor_key") is not None:
+        _check_name(on_finish["cursor_key"], "on_finish cursor_key")
+    _json.dumps(on_finish.get("args", {}), "on_finish args")
+    return on_finish
+
+
+def _check(request: CallRequest) -> tuple[str, str, str | None, datetime | timedelta | None]:
+    """Validate a call; returns (args json, trace json, on_finish json, when)."""
+    _check_name(request.queue, "queue")
+    _check_name(request.method, "method")
+    if request.cursor_key is not None:
+        _check_name(request.cursor_key, "cursor_key")
+    elif request.collapse_on_cursor is not True:
+        raise ValueError("collapse_on_cursor only applies to calls with a cursor_key")
+    if not isinstance(request.collapse_on_cursor, bool):
+        raise TypeError("collapse_on_cursor must be a bool")
+    args = _json.dumps(request.args, "args")
+    trace = _json.dumps(request.trace, "trace")
+    on_finish = _check_on_finish(request.on_finish)
+    when = _check_when(request.when)
+    return args, trace, None if on_finish is None else _json.dumps(on_finish, "on_finish"), when
+
+
+def _validated_values(request: CallRequest) -> dict[str, Any]:
+    args, trace, on_finish, when = _check(request)
+    values: dict[str, Any] = {
+        "queue": request.queue,
+        "method": request.method,
+        "args": sa.cast(sa.literal(args, sa.Text), JSONB),
+        "state": JobStates.PENDING,
+        "cursor_key": request.cursor_key,
+        "collapsible": request.collapse_on_cursor,
+        # sa.null(): a Python None would be stored as the JSON value null
+        "trace": sa.cast(sa.literal(trace, sa.Text), JSONB) if request.trace is not None else sa.null(),
+        "on_finish": sa.cast(sa.literal(on_finish, sa.Text), JSONB) if on_finish is not None else sa.null(),
+    }
+    if isinstance(when, timedelta):
+        values["scheduled_time"] = sa.func.now() + when
+    elif when is not None:
+        values["scheduled_time"] = when
+    return values
+
+
+def _bulk_item(request: CallRequest) -> str:
+    """One call as a JSON object for the bulk insert (args spliced in as-is)."""
+    args, trace, on_finish, when = _check(request)
+    fields = {
+        "queue": request.queue,
+        "method": request.method,
+        "cursor_key": request.cursor_key,
+        "collapsible": request.collapse_on_cursor,
+    }
+    if isinstance(when, timedelta):
+        fields["delay"] = when.total_seconds()
+    elif when is not None:
+        fields["at"] = when.isoformat()
+    head = json.dumps(fields)[:-1]
+    tail = f',"args":{args}'
+    if request.trace is not None:
+        tail += f',"trace":{trace}'
+    if on_finish is not None:
+        tail += f',"on_finish":{on_finish}'
+    return head + tail + "}"
+
+
+def _call_kwargs(item: dict[str, Any]) -> dict[str, Any]:
+    when: Any = None
+    if "delay" in item:
+        when = timedelta(seconds=item["delay"])
+    elif "at" in item:
+        when = datetime.fromisoformat(item["at"])
+    return {
+        "queue": item["queue"],
+        "method": item["method"],
+        "args": item["args"],
+        "when": when,
+        "cursor_key": item["cursor_key"],
+        "collapse_on_cursor": item["collapsible"],
+        "trace": item.get("trace"),
+        "on_finish": item.get("on_finish"),
+    }
+
+
+def _lost_error(action: str) -> dict[str, Any]:
+    return {"error": {"type": "LostJob", "message": f"the worker running this job died; {action}"}}
+
+
+def _bulk_insert_sql(model: Model) -> str:
+    from ._queries import _table_sql
+
+    job = _table_sql(model.job_table)
+    # Ids are drawn up front (nextval per item) so that every item can be told
+    # whether it was inserted or collapsed, and onto which job: a later item on
+    # the same cursor collapses onto an earlier one of the batch, or onto the
+    # job already pending (NULL if that one was claimed meanwhile).
+    return f"""
+WITH v AS MATERIALIZED (
+    SELECT e.ord, e.item->>'queue' AS queue, e.item->>'method' AS method, e.item->'args' AS args,
+           e.item->>'cursor_key' AS cursor_key, (e.item->>'collapsible')::boolean AS collapsible,
+           e.item->'trace' AS trace, e.item->'on_finish' AS on_finish,
+           CASE WHEN e.item ? 'at' THEN (e.item->>'at')::timestamptz
+                WHEN e.item ? 'delay' THEN now() + make_interval(secs => (e.item->>'delay')::float8)
+                ELSE now() END AS scheduled_time,
+           nextval(pg_get_serial_sequence('{job}', 'id')) AS new_id
+    FROM jsonb_array_elements(%(items)s::jsonb) WITH ORDINALITY AS e(item, ord)
+),
+ins AS (
+    INSERT INTO {job} (id, queue, method, args, state, cursor_key, collapsible, trace, on_finish, scheduled_time)
+    SELECT new_id, queue, method, args, 'pending', cursor_key, collapsible, trace, on_finish, scheduled_time
+    FROM v ORDER BY ord
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING
+    RETURNING id
+)
+SELECT v.ord, coalesce(
+    ins.id,
+    (SELECT min(i2.id) FROM ins AS i2 JOIN v AS v2 ON v2.new_id = i2.id
+     WHERE v2.cursor_key = v.cursor_key AND v2.collapsible),
+    (SELECT p.id FROM {job} AS p
+     WHERE p.cursor_key = v.cursor_key AND p.state = 'pending' AND p.collapsible))
+FROM v LEFT JOIN ins ON ins.id = v.new_id
+ORDER BY v.ord
+"""

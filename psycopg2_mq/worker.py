@@ -1,0 +1,262 @@
+"""``MQWorker``: claims jobs of its queues and runs them on a pool of threads.
+
+The thread that calls ``run()`` is the dispatcher. It owns one connection,
+which holds the worker's liveness lock, LISTENs to the queues' channels and
+claims jobs for idle threads (one statement for as many as are idle). Between
+claims it sleeps in ``select()`` until a NOTIFY, a thread going idle, the next
+known ``when`` or the next maintenance pass, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import sqlalchemy as sa
+
+from . import _liveness, _notify
+from ._executor import ExecutorPool
+from ._queries import Queries
+from .model import Model
+
+log = logging.getLogger("psycopg2_mq.worker")
+
+#: how long to back off, at most, between reconnection attempts
+MAX_RECONNECT_DELAY = 5.0
+
+
+class MQWorker:
+    """Run the jobs of ``queues`` (name -> object with ``execute_job(job)``).
+
+    ``threads`` jobs run at once. Every ``maintenance_interval`` seconds the
+    worker marks lost the running jobs of dead workers. ``poll_interval`` is
+    only a safety net: wake-ups come from LISTEN/NOTIFY and the known ``when``
+    of the next job. With ``capture_signals=True`` and ``run()`` on the main
+    thread, SIGTERM and SIGINT shut the worker down gracefully.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: sa.Engine,
+        queues: Mapping[str, Any],
+        model: Model,
+        name: str | None = None,
+        threads: int = 1,
+        capture_signals: bool = False,
+        maintenance_interval: float = 5.0,
+        poll_interval: float = 60.0,
+    ) -> None:
+        if not queues:
+            raise ValueError("a worker needs at least one queue")
+        for queue_name, handler in queues.items():
+            if not isinstance(queue_name, str) or not queue_name:
+                raise ValueError(f"queue names must be non-empty strings, got {queue_name!r}")
+            if not callable(getattr(handler, "execute_job", None)):
+                raise TypeError(f"queue {queue_name!r} has no execute_job(job) method")
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        if maintenance_interval <= 0 or poll_interval <= 0:
+            raise ValueError("intervals must be positive")
+        self.engine = engine
+        self.queues = dict(queues)
+        self.model = model
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.threads = threads
+        self.capture_signals = capture_signals
+        self.maintenance_interval = maintenance_interval
+        self.poll_interval = poll_interval
+        self.worker_id: int | None = None
+        self._queries = Queries.for_model(model)
+        self._queue_names = sorted(self.queues)
+        self._waker = _notify.Waker()
+        self._stopping = threading.Event()
+        self._state = "created"
+        self._conn: Any = None
+        self._pool: ExecutorPool | None = None
+        self._last_maintenance: float | None = None
+
+    # -- public API -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until ``shutdown_gracefully()``; blocks."""
+        if self._state != "created":
+            raise RuntimeError("a worker runs once; create a new one")
+        self._state = "running"
+        restore = self._install_signal_handlers()
+        self._pool = ExecutorPool(
+            threads=self.threads,
+            connect=self._connect,
+            queries=self._queries,
+            handlers=self.queues,
+            on_idle=self._waker.wake,
+            name=self.name,
+        )
+        try:
+            self._serve()
+        finally:
+            self._state = "stopping"
+            self._pool.stop()
+            self._disconnect(unregister=True)
+            self._waker.close()
+            restore()
+            self._state = "stopped"
+
+    def shutdown_gracefully(self) -> None:
+        """Stop claiming; running jobs finish, then ``run()`` returns. Thread-safe."""
+        self._stopping.set()
+        if self._state in ("created", "running"):
+            with contextlib.suppress(OSError):  # already closed: run() is over
+                self._waker.wake()
+
+    def get_status(self) -> dict[str, Any]:
+        """A snapshot of what this worker is doing."""
+        pool = self._pool
+        running = sorted(pool.running) if pool else []
+        return {
+            "name": self.name,
+            "worker_id": self.worker_id,
+            "state": "stopping" if self._stopping.is_set() and self._state == "running" else self._state,
+            "queues": list(self._queue_names),
+            "threads": self.threads,
+            "idle_threads": pool.idle if pool else self.threads,
+            "running_jobs": running,
+            "completed_jobs": pool.counts["completed"] if pool else 0,
+            "failed_jobs": pool.counts["failed"] if pool else 0,
+            "discarded_outcomes": pool.counts["discarded"] if pool else 0,
+            "last_maintenance_age": None
+            if self._last_maintenance is None
+            else time.monotonic() - self._last_maintenance,
+        }
+
+    # -- the dispatcher ------------------------------------------------------------
+
+    def _serve(self) -> None:
+        delay = 0.1
+        outage_since: float | None = None
+        while not self._stopping.is_set():
+            try:
+                self._open()
+                if outage_since is not None:
+                    log.warning("worker %s reconnected after %.1fs", self.name, time.monotonic() - outage_since)
+                    outage_since = None
+                delay = 0.1
+                self._dispatch()
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.error("worker %s lost its database connection, reconnecting: %s", self.name, exc)
+                self._disconnect(unregister=False)
+                self._sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+
+    def _dispatch(self) -> None:
+        assert self._pool is not None
+        next_maintenance = time.monotonic()
+        locked_retry = 0.01
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_maintenance:
+                _liveness.mark_lost_jobs(self._conn, self._queries, self.model.lock_class)
+                self._last_maintenance = now
+                next_maintenance = now + self.maintenance_interval
+            idle = self._pool.idle
+            timeout = min(next_maintenance - now, self.poll_interval)
+            if idle > 0:
+                claimed = self._claim(idle)
+                for row in claimed:
+                    self._pool.submit(row)
+                if len(claimed) == idle:
+                    continue  # every idle thread got a job: there may be more
+                due_in = self._seconds_until_next_job()
+                if due_in is not None and due_in <= 0:
+                    # due but locked by another claim in flight (or a caller's
+                    # transaction): look again shortly, backing off
+                    timeout = min(timeout, locked_retry)
+                    locked_retry = min(locked_retry * 2, 1.0)
+                else:
+                    locked_retry = 0.01
+                    if due_in is not None:
+                        timeout = min(timeout, due_in)
+            _notify.wait(self._conn, self._waker, max(timeout, 0.0))
+
+    def _claim(self, limit: int) -> list[tuple[Any, ...]]:
+        params = {"queues": self._queue_names, "limit": limit, "worker_id": self.worker_id}
+        for _ in range(5):
+            try:
+                with self._conn.cursor() as cur:
+                    cur.execute(self._queries.claim_jobs, params)
+                    return cur.fetchall()
+            except psycopg2.errors.UniqueViolation:
+                # two claims raced onto one cursor; the index kept the rule, retry
+                continue
+        return []
+
+    def _seconds_until_next_job(self) -> float | None:
+        with self._conn.cursor() as cur:
+            cur.execute(self._queries.seconds_until_next_job, {"queues": self._queue_names})
+            row = cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # -- connections -----------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        """A psycopg2 connection of our own (taken out of the engine's pool), autocommit."""
+        proxied = self.engine.raw_connection()
+        conn = proxied.driver_connection
+        proxied.detach()
+        conn.autocommit = True
+        return conn
+
+    def _open(self) -> None:
+        self._conn = self._connect()
+        self.worker_id = _liveness.register_worker(
+            self._conn, self._queries, self.model.lock_class, self.name, self._queue_names, self.worker_id
+        )
+        _notify.listen(self._conn, self._queue_names)
+        log.info("worker %s (id %s) serving %s", self.name, self.worker_id, ", ".join(self._queue_names))
+
+    def _disconnect(self, unregister: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if unregister and not conn.closed and self.worker_id is not None:
+                _liveness.unregister_worker(conn, self._queries, self.model.lock_class, self.worker_id)
+        except psycopg2.Error as exc:
+            log.warning("worker %s could not unregister: %s", self.name, exc)
+        finally:
+            conn.close()
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on shutdown."""
+        self._stopping.wait(seconds)
+
+    # -- signals ------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> Any:
+        if not self.capture_signals or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handle(signum: int, frame: Any) -> None:
+            log.info("worker %s: signal %s, shutting down gracefully", self.name, signum)
+            self.shutdown_gracefully()
+
+        for sig in previous:
+            signal.signal(sig, handle)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
