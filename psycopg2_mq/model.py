@@ -207,7 +207,8 @@ def wake_trigger_ddl(schema: str | None) -> tuple[str, str]:
       transaction commits, so workers never wake for a job they cannot see yet.
     * ``mq_job_call_on_finish`` enqueues a job's ``on_finish`` call in the
       transaction that finishes it, whichever path finishes it (a worker, a
-      cancel, failing a lost job). The WHEN clause keeps it free for other jobs.
+      cancel, failing a lost job), with the job's id in ``args.finished_jobs``.
+      The WHEN clause keeps it free for other jobs.
     """
     prefix = f'"{schema}".' if schema else ""
     finished = _sql_list(JobStates.FINISHED)
@@ -225,17 +226,21 @@ CREATE TRIGGER mq_job_wake_on_insert AFTER INSERT ON {prefix}mq_job
 
 CREATE FUNCTION {prefix}mq_job_call_on_finish() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- collapses onto a pending collapsible job of the same cursor, like MQSource.call
-    INSERT INTO {prefix}mq_job (queue, method, args, state, cursor_key, trace)
+    -- Collapses onto a pending collapsible job of the same cursor, like
+    -- MQSource.call, but records this job's id in its args.finished_jobs, so
+    -- the callback learns every job it stands for.
+    INSERT INTO {prefix}mq_job AS j (queue, method, args, state, cursor_key, trace)
     VALUES (
         NEW.on_finish->>'queue',
         NEW.on_finish->>'method',
-        coalesce(NEW.on_finish->'args', '{{}}'::jsonb),
+        jsonb_set(coalesce(NEW.on_finish->'args', '{{}}'::jsonb), '{{finished_jobs}}', jsonb_build_array(NEW.id)),
         'pending',
         NEW.on_finish->>'cursor_key',
         jsonb_build_object('on_finish_of', NEW.id)
     )
-    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING;
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible
+    DO UPDATE SET args = jsonb_set(
+        j.args, '{{finished_jobs}}', coalesce(j.args->'finished_jobs', '[]'::jsonb) || to_jsonb(NEW.id));
     RETURN NULL;
 END
 $$;

@@ -79,7 +79,9 @@ class MQSource:
         queues a new job that waits its turn). ``conflict_resolver(pending_job,
         request)`` may then update the pending job (it is locked meanwhile).
         ``on_finish``: a call ``{queue, method, args, cursor_key}`` queued in the
-        transaction that makes this job completed, failed or canceled.
+        transaction that makes this job completed, failed or canceled; its
+        ``args['finished_jobs']`` lists the ids of the jobs it was called for
+        (several, when it collapsed on its cursor while pending).
         """
         request = CallRequest(
             queue=queue,
@@ -319,6 +321,8 @@ def _check_on_finish(on_finish: Any) -> dict[str, Any] | None:
     _check_name(on_finish.get("method"), "on_finish method")
     if on_finish.get("cursor_key") is not None:
         _check_name(on_finish["cursor_key"], "on_finish cursor_key")
+    if not isinstance(on_finish.get("args", {}), dict):
+        raise TypeError("on_finish args must be a dict (the callback gets args['finished_jobs'] added)")
     _json.dumps(on_finish.get("args", {}), "on_finish args")
     return on_finish
 
