@@ -6,21 +6,26 @@
 * ``Job`` is what ``execute_job(job)`` receives (``job.py``).
 """
 
-from .errors import FailedJobError, InvalidJobStateError, JobNotFoundError
+from .errors import FailedJobError, InvalidJobStateError, JobNotFoundError, RetryJob
 from .job import Job
 from .model import JobStates, Model, make_default_model
+from .policy import Backoff, JobPolicy, LostPolicy
 from .source import CallRequest, MQSource
 from .worker import MQWorker
 
 __all__ = [
+    "Backoff",
     "CallRequest",
     "FailedJobError",
     "InvalidJobStateError",
     "Job",
     "JobNotFoundError",
+    "JobPolicy",
     "JobStates",
+    "LostPolicy",
     "MQSource",
     "MQWorker",
     "Model",
+    "RetryJob",
     "make_default_model",
 ]

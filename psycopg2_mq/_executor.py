@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 
 from . import _json
 from ._queries import Queries
-from .errors import FailedJobError
+from .errors import FailedJobError, RetryJob
 from .job import Job
 from .model import JobStates
+from .policy import DEFAULT_POLICY
 
 log = logging.getLogger("psycopg2_mq.executor")
 
@@ -31,11 +33,23 @@ log = logging.getLogger("psycopg2_mq.executor")
 FINISH_RETRY_SECONDS = 60.0
 
 
+#: pseudo-state of an Outcome: the attempt failed and the job goes back to pending
+RETRY = "retry"
+
+
 @dataclass
 class Outcome:
+    """What to write for a finished attempt.
+
+    ``state`` is completed, failed, or RETRY (then ``result_json`` is the
+    attempt's error, kept in ``errors``, and the job runs again after ``delay``).
+    """
+
     state: str
     result_json: str
     cursor_json: str | None
+    delay: float = 0.0
+    extra_attempts: int = 0
 
 
 def error_result(exc: BaseException) -> dict[str, Any]:
@@ -50,8 +64,13 @@ def error_result(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def run_job(job: Job, handler: Any) -> Outcome:
-    """Run ``handler.execute_job(job)`` and turn whatever happens into an Outcome."""
+def run_job(job: Job, handler: Any, max_attempts: int = 1, backoff: dict[str, Any] | None = None) -> Outcome:
+    """Run ``handler.execute_job(job)`` and turn whatever happens into an Outcome.
+
+    An exception is retried while attempts are left, after the backoff of the
+    call (``backoff``) or of the queue's policy; ``RetryJob`` snoozes the job
+    without using up an attempt; ``FailedJobError`` fails it for good.
+    """
     save_cursor = False
     try:
         result = handler.execute_job(job)
@@ -61,7 +80,19 @@ def run_job(job: Job, handler: Any) -> Outcome:
         result = exc.result
         state = JobStates.FAILED
         save_cursor = exc.update_cursor
+    except RetryJob as exc:
+        log.info("job %s (%s.%s) asked to be retried in %.3gs", job.id, job.queue, job.method, exc.delay)
+        error = {"type": "RetryJob", "message": _json.scrub(str(exc))}
+        return Outcome(RETRY, _json.dumps(error), None, delay=exc.delay, extra_attempts=1)
     except Exception as exc:
+        if job.attempt < max_attempts:
+            policy = getattr(handler, "policy", None) or DEFAULT_POLICY
+            delay = policy.retry_delay(job.attempt, backoff)
+            log.warning(
+                "job %s (%s.%s) attempt %s/%s failed, retrying in %.3gs: %r",
+                job.id, job.queue, job.method, job.attempt, max_attempts, delay, exc,
+            )
+            return Outcome(RETRY, _json.dumps(error_result(exc)["error"]), None, delay=delay)
         log.exception("job %s (%s.%s) failed", job.id, job.queue, job.method)
         result = error_result(exc)
         state = JobStates.FAILED
@@ -95,7 +126,7 @@ class ExecutorPool:
         self._lock = threading.Lock()
         self._busy = 0
         self.running: dict[int, Job] = {}
-        self.counts = {JobStates.COMPLETED: 0, JobStates.FAILED: 0, "discarded": 0}
+        self.counts = {JobStates.COMPLETED: 0, JobStates.FAILED: 0, RETRY: 0, "discarded": 0}
         self._threads = [
             threading.Thread(target=self._loop, name=f"{name}-exec-{i}", daemon=True) for i in range(threads)
         ]
@@ -137,7 +168,7 @@ class ExecutorPool:
             conn.close()
 
     def _execute(self, row: tuple[Any, ...], conn: Any) -> Any:
-        job_id, queue, method, args, cursor_key, trace, attempt, scheduled_time, cursor = row
+        job_id, queue, method, args, cursor_key, trace, attempt, scheduled_time, cursor, max_attempts, backoff = row
         job = Job(
             id=job_id,
             queue=queue,
@@ -152,7 +183,7 @@ class ExecutorPool:
         with self._lock:
             self.running[job_id] = job
         try:
-            outcome = run_job(job, self._handlers[queue])
+            outcome = run_job(job, self._handlers[queue], max_attempts, backoff)
             try:
                 return self._finish(job, outcome, conn)
             except psycopg2.DatabaseError as exc:
@@ -165,13 +196,24 @@ class ExecutorPool:
                 self.running.pop(job_id, None)
 
     def _finish(self, job: Job, outcome: Outcome, conn: Any) -> Any:
-        params = {
-            "id": job.id,
-            "attempt": job.attempt,
-            "state": outcome.state,
-            "result": outcome.result_json,
-            "cursor": outcome.cursor_json,
-        }
+        if outcome.state == RETRY:
+            sql = self._queries.retry_job
+            params: dict[str, Any] = {
+                "id": job.id,
+                "attempt": job.attempt,
+                "error": outcome.result_json,
+                "delay": outcome.delay,
+                "extra_attempts": outcome.extra_attempts,
+            }
+        else:
+            sql = self._queries.finish_job
+            params = {
+                "id": job.id,
+                "attempt": job.attempt,
+                "state": outcome.state,
+                "result": outcome.result_json,
+                "cursor": outcome.cursor_json,
+            }
         deadline = time.monotonic() + FINISH_RETRY_SECONDS
         delay = 0.05
         while True:
@@ -179,9 +221,13 @@ class ExecutorPool:
                 if conn is None or conn.closed:
                     conn = self._connect()
                 with conn.cursor() as cur:
-                    cur.execute(self._queries.finish_job, params)
+                    cur.execute(sql, params)
                     row = cur.fetchone()
                 break
+            except psycopg2.errors.UniqueViolation:
+                # a retry raced a new collapsible call onto its cursor; the
+                # statement sees it on the next try and stops collapsing
+                continue
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 if conn is not None:
                     conn.close()

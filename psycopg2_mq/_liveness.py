@@ -57,12 +57,15 @@ def unregister_worker(conn: Any, queries: Queries, lock_class: int, worker_id: i
         cur.execute(queries.unregister_worker, {"worker_id": worker_id, "lock_class": lock_class})
 
 
-def mark_lost_jobs(conn: Any, queries: Queries, lock_class: int) -> list[int]:
-    """Mark lost the running jobs of workers that died; returns their ids."""
+def mark_lost_jobs(conn: Any, queries: Queries, lock_class: int) -> dict[str, str]:
+    """Release the running jobs of workers that died, per their lost policy.
+
+    Returns ``{job id: new state}`` (lost, pending for a retry, or failed).
+    """
     with conn.cursor() as cur:
         cur.execute(queries.mark_lost_jobs, {"lock_class": lock_class})
         row = cur.fetchone()
-    lost = list(row[0]) if row else []
-    if lost:
-        log.warning("marked %d job(s) lost, their worker died: %s", len(lost), lost)
-    return lost
+    released: dict[str, str] = row[0] if row else {}
+    if released:
+        log.warning("%d job(s) lost their worker: %s", len(released), released)
+    return released

@@ -27,6 +27,9 @@ from .model import Model, channel_sql
 # * ``scheduled_time <= now()`` and ``start_time = now()`` use the same database
 #   clock, so no job starts before its ``when``.
 # * ``attempts + 1`` is the fencing token the completion must present.
+# * The effective policy (the call's own, else the queue's from %(policies)s,
+#   else the defaults) is written onto the row, so that any worker can later
+#   apply it to this attempt without knowing the queue.
 #
 # Speed: the LATERAL per queue walks the partial index ``ix_mq_job_claim``
 # (pending rows only) in (scheduled_time, id) order and stops after %(limit)s.
@@ -58,13 +61,17 @@ chosen AS (
 )
 UPDATE {job} AS j
 SET state = 'running', start_time = now(), end_time = NULL,
-    worker_id = %(worker_id)s, attempts = j.attempts + 1
+    worker_id = %(worker_id)s, attempts = j.attempts + 1,
+    max_attempts = coalesce(j.max_attempts, (%(policies)s::jsonb -> j.queue ->> 'max_attempts')::int, 1),
+    lost_policy = coalesce(j.lost_policy, %(policies)s::jsonb -> j.queue ->> 'lost', 'hold'),
+    deadline = now() + make_interval(secs => coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8))
 FROM chosen
 WHERE j.id = chosen.id
 RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
     CASE WHEN j.cursor_key IS NULL THEN NULL
          ELSE coalesce((SELECT cu.properties FROM {cursor} AS cu WHERE cu.key = j.cursor_key), '{{}}'::jsonb)
-    END AS cursor
+    END AS cursor,
+    j.max_attempts, j.backoff
 """
 
 # Seconds until the next job of these queues may be claimed (<= 0: one is due
@@ -114,6 +121,35 @@ woken AS (
 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
 """
 
+# Put a failed (or snoozed) attempt back to pending, %(delay)s seconds from now,
+# keeping its error in ``errors``; fenced like FINISH_JOB. The job stops being
+# collapsible if another collapsible job is pending on its cursor meanwhile
+# (the unique index allows only one). The NOTIFY tells workers of its new time
+# and wakes the next job on its cursor, which it no longer holds.
+RETRY_JOB = """
+WITH done AS (
+    UPDATE {job} AS j
+    SET state = 'pending', scheduled_time = now() + make_interval(secs => %(delay)s),
+        start_time = NULL, end_time = NULL, worker_id = NULL, deadline = NULL,
+        max_attempts = j.max_attempts + %(extra_attempts)s,
+        errors = coalesce(j.errors, '[]'::jsonb) || jsonb_build_array(%(error)s::jsonb || jsonb_build_object(
+            'attempt', j.attempts, 'start_time', j.start_time, 'end_time', now())),
+        collapsible = j.collapsible AND NOT EXISTS (
+            SELECT 1 FROM {job} AS p
+            WHERE p.cursor_key = j.cursor_key AND p.state = 'pending' AND p.collapsible)
+    WHERE j.id = %(id)s AND j.state = 'running' AND j.attempts = %(attempt)s
+    RETURNING j.queue, j.cursor_key
+),
+woken AS (
+    SELECT pg_notify({channel}, '') FROM (
+        SELECT done.queue FROM done
+        UNION
+        SELECT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key WHERE p.state = 'pending'
+    ) AS p
+)
+SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM woken)
+"""
+
 # Register a worker and take its liveness lock in the same statement, so no
 # other worker can ever see the row without the lock being held.
 REGISTER_WORKER = """
@@ -127,27 +163,121 @@ WITH gone AS (DELETE FROM {worker} WHERE id = %(worker_id)s)
 SELECT pg_advisory_unlock(%(lock_class)s, %(worker_id)s::int)
 """
 
-# Mark ``lost`` the running jobs whose worker no longer holds its advisory lock:
-# PostgreSQL released it when the worker's session ended (process killed,
-# connection dropped). A live worker always holds the lock before it claims, on
-# the very connection it claims with, so a running job of a live worker is
-# never matched. Also forgets the registry rows of dead workers.
-MARK_LOST_JOBS = """
+def _release_jobs(victims: str) -> str:
+    """SQL that takes running jobs away from their attempt, per their policy.
+
+    ``victims`` is a CTE named ``victims`` selecting (id, outcome, error) of
+    running jobs, locked with SKIP LOCKED so that concurrent maintenance passes
+    never take the same job twice. ``outcome`` is pending (retry now), failed or
+    lost. Retried and failed jobs free their cursor: a NOTIFY wakes the queue
+    of the job that waits on it, and the queues of retried jobs.
+    """
+    return (
+        victims
+        + """,
+released AS (
+    UPDATE {job} AS j SET
+        state = v.outcome,
+        result = CASE WHEN v.outcome = 'failed' THEN jsonb_build_object('error', v.error) ELSE j.result END,
+        errors = CASE WHEN v.outcome = 'pending' THEN coalesce(j.errors, '[]'::jsonb) || jsonb_build_array(v.error)
+                      ELSE j.errors END,
+        scheduled_time = CASE WHEN v.outcome = 'pending' THEN now() ELSE j.scheduled_time END,
+        start_time = CASE WHEN v.outcome = 'pending' THEN NULL ELSE j.start_time END,
+        end_time = CASE WHEN v.outcome = 'pending' THEN NULL ELSE now() END,
+        worker_id = CASE WHEN v.outcome = 'pending' THEN NULL ELSE j.worker_id END,
+        deadline = NULL,
+        collapsible = CASE WHEN v.outcome = 'pending' THEN j.collapsible AND NOT EXISTS (
+            SELECT 1 FROM {job} AS p
+            WHERE p.cursor_key = j.cursor_key AND p.state = 'pending' AND p.collapsible) ELSE j.collapsible END
+    FROM victims AS v
+    WHERE j.id = v.id
+    RETURNING j.id, j.state, j.queue, j.cursor_key
+),
+woken AS (
+    SELECT pg_notify({channel}, '') FROM (
+        SELECT r.queue FROM released AS r WHERE r.state = 'pending'
+        UNION
+        SELECT p.queue FROM {job} AS p JOIN released AS r ON p.cursor_key = r.cursor_key
+        WHERE r.state = 'failed' AND p.state = 'pending'
+    ) AS p
+)
+SELECT coalesce(jsonb_object_agg(r.id, r.state), '{{}}'::jsonb), (SELECT count(*) FROM woken)
+FROM released AS r
+"""
+    )
+
+
+def _attempt_error(kind: str, message: str) -> str:
+    return f"""jsonb_build_object('type', '{kind}', 'message', {message}, 'attempt', j.attempts,
+               'start_time', j.start_time, 'end_time', now())"""
+
+
+# The running jobs whose worker no longer holds its advisory lock: PostgreSQL
+# released it when the worker's session ended (process killed, connection
+# dropped). A live worker always holds the lock before it claims, on the very
+# connection it claims with, so a running job of a live worker is never
+# matched. Each is then retried, failed or held as ``lost`` per its lost policy.
+MARK_LOST_JOBS = _release_jobs(
+    """
 WITH alive AS MATERIALIZED (
     SELECT l.objid::bigint AS worker_id FROM pg_locks AS l
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
       AND l.classid = %(lock_class)s::bigint::oid
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 ),
-lost AS (
-    UPDATE {job} AS j SET state = 'lost', end_time = now()
+victims AS (
+    SELECT j.id,
+        CASE WHEN j.lost_policy = 'retry' AND j.attempts < j.max_attempts THEN 'pending'
+             WHEN j.lost_policy IN ('retry', 'fail') THEN 'failed'
+             ELSE 'lost' END AS outcome,
+        """
+    + _attempt_error("LostJob", "'the worker running this job died'")
+    + """ AS error
+    FROM {job} AS j
     WHERE j.state = 'running' AND j.worker_id NOT IN (SELECT worker_id FROM alive)
-    RETURNING j.id
-),
-forgotten AS (
-    DELETE FROM {worker} AS w WHERE w.id NOT IN (SELECT worker_id FROM alive) RETURNING w.id
+    FOR UPDATE OF j SKIP LOCKED
+)"""
 )
-SELECT array(SELECT id FROM lost ORDER BY id), (SELECT count(*) FROM forgotten)
+
+# Running attempts past their deadline: retried at once while attempts are
+# left, else failed. The thread still running the job cannot be stopped; its
+# outcome is fenced off when it ends.
+EXPIRE_JOBS = _release_jobs(
+    """
+WITH victims AS (
+    SELECT j.id,
+        CASE WHEN j.attempts < j.max_attempts THEN 'pending' ELSE 'failed' END AS outcome,
+        """
+    + _attempt_error("JobTimeout", "format('attempt %%s ran past its timeout of %%s s', j.attempts, j.timeout)")
+    + """ AS error
+    FROM {job} AS j
+    WHERE j.state = 'running' AND j.deadline < now()
+    FOR UPDATE OF j SKIP LOCKED
+)"""
+)
+
+# Forget the registry rows of dead workers.
+FORGET_DEAD_WORKERS = """
+DELETE FROM {worker} AS w
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.classid = %(lock_class)s::bigint::oid AND l.objid = w.id::bigint::oid
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+"""
+
+# Delete up to %(batch)s finished jobs of one state older than %(age)s seconds.
+# Small batches with SKIP LOCKED: no long lock, no contention between workers.
+# Cursors are kept.
+PRUNE_JOBS = """
+WITH doomed AS (
+    SELECT id FROM {job}
+    WHERE state = %(state)s AND end_time < now() - make_interval(secs => %(age)s)
+    ORDER BY end_time
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {job} AS j USING doomed WHERE j.id = doomed.id
 """
 
 
@@ -164,9 +294,13 @@ class Queries:
     claim_jobs: str
     seconds_until_next_job: str
     finish_job: str
+    retry_job: str
     register_worker: str
     unregister_worker: str
     mark_lost_jobs: str
+    expire_jobs: str
+    forget_dead_workers: str
+    prune_jobs: str
 
     @classmethod
     def for_model(cls, model: Model) -> Queries:
@@ -180,7 +314,11 @@ class Queries:
             claim_jobs=CLAIM_JOBS.format(**names),
             seconds_until_next_job=SECONDS_UNTIL_NEXT_JOB.format(**names),
             finish_job=FINISH_JOB.format(**names),
+            retry_job=RETRY_JOB.format(**names),
             register_worker=REGISTER_WORKER.format(**names),
             unregister_worker=UNREGISTER_WORKER.format(**names),
             mark_lost_jobs=MARK_LOST_JOBS.format(**names),
+            expire_jobs=EXPIRE_JOBS.format(**names),
+            forget_dead_workers=FORGET_DEAD_WORKERS.format(**names),
+            prune_jobs=PRUNE_JOBS.format(**names),
         )

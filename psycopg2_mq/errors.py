@@ -24,3 +24,18 @@ class JobNotFoundError(LookupError):
 
 class InvalidJobStateError(ValueError):
     """The job is not in a state the operation accepts."""
+
+
+class RetryJob(Exception):
+    """Raise from ``execute_job`` to run the job again after ``delay`` seconds.
+
+    A snooze: the job goes back to pending and this attempt does not count
+    against its ``max_attempts``.
+    """
+
+    def __init__(self, delay: float = 0.0, reason: str | None = None) -> None:
+        super().__init__(reason or f"retry in {delay}s")
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        self.delay = float(delay)
+        self.reason = reason

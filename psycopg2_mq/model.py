@@ -91,6 +91,7 @@ def make_default_model(metadata: sa.MetaData) -> Model:
 
     states = _sql_list(JobStates.ALL)
     holding = _sql_list(JobStates.HOLDING_CURSOR)
+    finished = _sql_list(JobStates.FINISHED)
 
     class Job(Base):
         """One call of ``queue.method(args)``; see ``JobStates``."""
@@ -120,10 +121,22 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         worker_id: Mapped[int | None] = mapped_column(sa.Integer)
         #: number of claims; also the fencing token a worker must present to finish it
         attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+        #: retry policy asked for by the call; NULL takes the queue's (fixed at claim)
+        max_attempts: Mapped[int | None] = mapped_column(sa.Integer)
+        backoff: Mapped[Any | None] = mapped_column(JSONB)
+        lost_policy: Mapped[str | None] = mapped_column(sa.Text)
+        timeout: Mapped[float | None] = mapped_column(sa.Float)
+        #: when a running attempt times out (claim time + timeout)
+        deadline: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+        #: the errors of earlier attempts that were retried, oldest first
+        errors: Mapped[Any | None] = mapped_column(JSONB)
 
         __table_args__ = (
             sa.CheckConstraint(f"state IN ({states})", name="ck_mq_job_state"),
             sa.CheckConstraint("queue <> '' AND method <> ''", name="ck_mq_job_names"),
+            sa.CheckConstraint("lost_policy IN ('hold', 'retry', 'fail')", name="ck_mq_job_lost_policy"),
+            sa.CheckConstraint("max_attempts >= 1", name="ck_mq_job_max_attempts"),
+            sa.CheckConstraint("timeout > 0", name="ck_mq_job_timeout"),
             sa.Index(
                 "ix_mq_job_claim",
                 "queue",
@@ -149,6 +162,12 @@ def make_default_model(metadata: sa.MetaData) -> Model:
                 "cursor_key",
                 unique=True,
                 postgresql_where=sa.text(f"state IN ({holding})"),
+            ),
+            sa.Index(
+                "ix_mq_job_finished",
+                "state",
+                "end_time",
+                postgresql_where=sa.text(f"state IN ({finished})"),
             ),
             sa.Index(
                 "ix_mq_job_running_worker",

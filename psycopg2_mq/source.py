@@ -21,6 +21,7 @@ from . import _json
 from ._notify import channel_for
 from .errors import InvalidJobStateError, JobNotFoundError
 from .model import JobStates, Model
+from .policy import Backoff, check_policy_values
 
 #: the arbiter of collapsing: the partial unique index uq_mq_job_pending_cursor
 _PENDING_COLLAPSIBLE = sa.text("state = 'pending' AND collapsible")
@@ -38,6 +39,10 @@ class CallRequest:
     trace: Any = None
     on_finish: dict[str, Any] | None = None
     collapse_on_cursor: bool = True
+    max_attempts: int | None = None
+    backoff: Backoff | None = None
+    lost_policy: str | None = None
+    timeout: float | timedelta | None = None
 
 
 ConflictResolver = Callable[[Any, CallRequest], None]
@@ -68,6 +73,10 @@ class MQSource:
         conflict_resolver: ConflictResolver | None = None,
         trace: Any = None,
         on_finish: dict[str, Any] | None = None,
+        max_attempts: int | None = None,
+        backoff: Backoff | None = None,
+        lost_policy: str | None = None,
+        timeout: float | timedelta | None = None,
     ) -> Any:
         """Queue ``queue.method(args)`` and return the job (a ``model.Job``).
 
@@ -82,6 +91,8 @@ class MQSource:
         transaction that makes this job completed, failed or canceled; its
         ``args['finished_jobs']`` lists the ids of the jobs it was called for
         (several, when it collapsed on its cursor while pending).
+        ``max_attempts``, ``backoff``, ``lost_policy`` and ``timeout`` (seconds)
+        override the queue's ``policy`` for this job (see ``policy.py``).
         """
         request = CallRequest(
             queue=queue,
@@ -92,6 +103,10 @@ class MQSource:
             trace=trace,
             on_finish=on_finish,
             collapse_on_cursor=collapse_on_cursor,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            lost_policy=lost_policy,
+            timeout=timeout,
         )
         values = _validated_values(request)
         if conflict_resolver is not None and (cursor_key is None or not collapse_on_cursor):
@@ -327,6 +342,20 @@ def _check_on_finish(on_finish: Any) -> dict[str, Any] | None:
     return on_finish
 
 
+def _policy_values(request: CallRequest) -> dict[str, Any]:
+    """The call's own policy columns (None: the queue's policy applies)."""
+    timeout = request.timeout.total_seconds() if isinstance(request.timeout, timedelta) else request.timeout
+    check_policy_values(request.max_attempts, request.lost_policy, timeout)
+    if request.backoff is not None and not isinstance(request.backoff, Backoff):
+        raise TypeError("backoff must be a psycopg2_mq.Backoff (a custom function belongs in the queue's policy)")
+    return {
+        "max_attempts": request.max_attempts,
+        "backoff": None if request.backoff is None else request.backoff.to_json(),
+        "lost_policy": request.lost_policy,
+        "timeout": timeout,
+    }
+
+
 def _check(request: CallRequest) -> tuple[str, str, str | None, datetime | timedelta | None]:
     """Validate a call; returns (args json, trace json, on_finish json, when)."""
     _check_name(request.queue, "queue")
@@ -346,6 +375,7 @@ def _check(request: CallRequest) -> tuple[str, str, str | None, datetime | timed
 
 def _validated_values(request: CallRequest) -> dict[str, Any]:
     args, trace, on_finish, when = _check(request)
+    policy = _policy_values(request)
     values: dict[str, Any] = {
         "queue": request.queue,
         "method": request.method,
@@ -356,6 +386,10 @@ def _validated_values(request: CallRequest) -> dict[str, Any]:
         # sa.null(): a Python None would be stored as the JSON value null
         "trace": sa.cast(sa.literal(trace, sa.Text), JSONB) if request.trace is not None else sa.null(),
         "on_finish": sa.cast(sa.literal(on_finish, sa.Text), JSONB) if on_finish is not None else sa.null(),
+        "max_attempts": policy["max_attempts"],
+        "backoff": sa.null() if policy["backoff"] is None else policy["backoff"],
+        "lost_policy": policy["lost_policy"],
+        "timeout": policy["timeout"],
     }
     if isinstance(when, timedelta):
         values["scheduled_time"] = sa.func.now() + when
@@ -372,6 +406,7 @@ def _bulk_item(request: CallRequest) -> str:
         "method": request.method,
         "cursor_key": request.cursor_key,
         "collapsible": request.collapse_on_cursor,
+        **_policy_values(request),
     }
     if isinstance(when, timedelta):
         fields["delay"] = when.total_seconds()
@@ -401,6 +436,10 @@ def _call_kwargs(item: dict[str, Any]) -> dict[str, Any]:
         "collapse_on_cursor": item["collapsible"],
         "trace": item.get("trace"),
         "on_finish": item.get("on_finish"),
+        "max_attempts": item.get("max_attempts"),
+        "backoff": None if item.get("backoff") is None else Backoff.from_json(item["backoff"]),
+        "lost_policy": item.get("lost_policy"),
+        "timeout": item.get("timeout"),
     }
 
 
@@ -421,6 +460,8 @@ WITH v AS MATERIALIZED (
     SELECT e.ord, e.item->>'queue' AS queue, e.item->>'method' AS method, e.item->'args' AS args,
            e.item->>'cursor_key' AS cursor_key, (e.item->>'collapsible')::boolean AS collapsible,
            e.item->'trace' AS trace, e.item->'on_finish' AS on_finish,
+           (e.item->>'max_attempts')::int AS max_attempts, nullif(e.item->'backoff', 'null') AS backoff,
+           e.item->>'lost_policy' AS lost_policy, (e.item->>'timeout')::float8 AS timeout,
            CASE WHEN e.item ? 'at' THEN (e.item->>'at')::timestamptz
                 WHEN e.item ? 'delay' THEN now() + make_interval(secs => (e.item->>'delay')::float8)
                 ELSE now() END AS scheduled_time,
@@ -428,8 +469,10 @@ WITH v AS MATERIALIZED (
     FROM jsonb_array_elements(%(items)s::jsonb) WITH ORDINALITY AS e(item, ord)
 ),
 ins AS (
-    INSERT INTO {job} (id, queue, method, args, state, cursor_key, collapsible, trace, on_finish, scheduled_time)
-    SELECT new_id, queue, method, args, 'pending', cursor_key, collapsible, trace, on_finish, scheduled_time
+    INSERT INTO {job} (id, queue, method, args, state, cursor_key, collapsible, trace, on_finish, scheduled_time,
+                       max_attempts, backoff, lost_policy, timeout)
+    SELECT new_id, queue, method, args, 'pending', cursor_key, collapsible, trace, on_finish, scheduled_time,
+           max_attempts, backoff, lost_policy, timeout
     FROM v ORDER BY ord
     ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING
     RETURNING id

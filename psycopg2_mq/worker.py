@@ -10,6 +10,7 @@ known ``when`` or the next maintenance pass, whichever comes first.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -17,16 +18,18 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import psycopg2
 import psycopg2.errors
 import sqlalchemy as sa
 
-from . import _liveness, _notify
+from . import _liveness, _maintenance, _notify
 from ._executor import ExecutorPool
 from ._queries import Queries
 from .model import Model
+from .policy import DEFAULT_POLICY, JobPolicy
 
 log = logging.getLogger("psycopg2_mq.worker")
 
@@ -42,6 +45,12 @@ class MQWorker:
     only a safety net: wake-ups come from LISTEN/NOTIFY and the known ``when``
     of the next job. With ``capture_signals=True`` and ``run()`` on the main
     thread, SIGTERM and SIGINT shut the worker down gracefully.
+
+    A queue object may have a ``policy`` attribute (a ``JobPolicy``: retries,
+    backoff, lost-job policy, timeout) for its jobs. ``prune_after`` maps
+    finished states to a retention (seconds or ``timedelta``); older jobs in
+    those states are deleted by the maintenance pass. Nothing is pruned unless
+    asked.
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class MQWorker:
         capture_signals: bool = False,
         maintenance_interval: float = 5.0,
         poll_interval: float = 60.0,
+        prune_after: Mapping[str, float | timedelta] | None = None,
     ) -> None:
         if not queues:
             raise ValueError("a worker needs at least one queue")
@@ -63,6 +73,9 @@ class MQWorker:
                 raise ValueError(f"queue names must be non-empty strings, got {queue_name!r}")
             if not callable(getattr(handler, "execute_job", None)):
                 raise TypeError(f"queue {queue_name!r} has no execute_job(job) method")
+            policy = getattr(handler, "policy", None)
+            if policy is not None and not isinstance(policy, JobPolicy):
+                raise TypeError(f"queue {queue_name!r}: policy must be a psycopg2_mq.JobPolicy")
         if threads < 1:
             raise ValueError("threads must be at least 1")
         if maintenance_interval <= 0 or poll_interval <= 0:
@@ -76,8 +89,12 @@ class MQWorker:
         self.maintenance_interval = maintenance_interval
         self.poll_interval = poll_interval
         self.worker_id: int | None = None
+        self.retention = _maintenance.normalize_retention(prune_after)
         self._queries = Queries.for_model(model)
         self._queue_names = sorted(self.queues)
+        self._policies = json.dumps(
+            {name: (getattr(h, "policy", None) or DEFAULT_POLICY).claim_defaults() for name, h in self.queues.items()}
+        )
         self._waker = _notify.Waker()
         self._stopping = threading.Event()
         self._state = "created"
@@ -132,6 +149,7 @@ class MQWorker:
             "running_jobs": running,
             "completed_jobs": pool.counts["completed"] if pool else 0,
             "failed_jobs": pool.counts["failed"] if pool else 0,
+            "retried_jobs": pool.counts["retry"] if pool else 0,
             "discarded_outcomes": pool.counts["discarded"] if pool else 0,
             "last_maintenance_age": None
             if self._last_maintenance is None
@@ -166,7 +184,7 @@ class MQWorker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_maintenance:
-                _liveness.mark_lost_jobs(self._conn, self._queries, self.model.lock_class)
+                _maintenance.run_maintenance(self._conn, self._queries, self.model.lock_class, self.retention)
                 self._last_maintenance = now
                 next_maintenance = now + self.maintenance_interval
             idle = self._pool.idle
@@ -190,7 +208,12 @@ class MQWorker:
             _notify.wait(self._conn, self._waker, max(timeout, 0.0))
 
     def _claim(self, limit: int) -> list[tuple[Any, ...]]:
-        params = {"queues": self._queue_names, "limit": limit, "worker_id": self.worker_id}
+        params = {
+            "queues": self._queue_names,
+            "limit": limit,
+            "worker_id": self.worker_id,
+            "policies": self._policies,
+        }
         for _ in range(5):
             try:
                 with self._conn.cursor() as cur:
