@@ -204,6 +204,76 @@ class MQSource:
         row = self.dbsession.get(self.model.JobCursor, cursor_key)
         return None if row is None else row.properties
 
+    def blocked_cursors(self, *, running_longer_than: float | timedelta | None = None) -> list[dict[str, Any]]:
+        """Cursors held by a lost job, or by a job running longer than the given time.
+
+        Each entry: ``cursor_key``, the holding ``job_id``, its ``state``,
+        ``worker_id``, ``start_time``, ``held_seconds`` and how many jobs are
+        ``waiting`` on the cursor.
+        """
+        seconds = (
+            running_longer_than.total_seconds()
+            if isinstance(running_longer_than, timedelta)
+            else running_longer_than
+        )
+        job = _table(self.model)
+        rows = self._connection().exec_driver_sql(
+            f"""
+            SELECT h.cursor_key, h.id, h.state, h.worker_id, h.start_time,
+                   EXTRACT(EPOCH FROM now() - h.start_time)::float8,
+                   (SELECT count(*) FROM {job} AS p WHERE p.cursor_key = h.cursor_key AND p.state = 'pending')
+            FROM {job} AS h
+            WHERE h.cursor_key IS NOT NULL AND (h.state = 'lost' OR (
+                h.state = 'running' AND %(secs)s::float8 IS NOT NULL
+                AND h.start_time < now() - make_interval(secs => %(secs)s::float8)))
+            ORDER BY h.start_time
+            """,
+            {"secs": seconds},
+        ).all()
+        keys = ("cursor_key", "job_id", "state", "worker_id", "start_time", "held_seconds", "waiting")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def explain_job(self, job_id: int) -> dict[str, Any]:
+        """Why a job is (not) running: ``{"job_id", "state", "reasons": [...]}``.
+
+        For a pending job the reasons say what it waits for: its ``when``, its
+        cursor (held by another job, or other jobs ahead of it), or a live
+        worker serving its queue; ``"ready"`` when only a free worker thread is
+        missing.
+        """
+        job = self._require(job_id)
+        if job.state != JobStates.PENDING:
+            return {"job_id": job.id, "state": job.state, "reasons": [f"the job is {job.state}, not pending"]}
+        table, workers = _table(self.model), _table_name(self.model.worker_table)
+        row = self._connection().exec_driver_sql(
+            f"""
+            SELECT EXTRACT(EPOCH FROM j.scheduled_time - now())::float8,
+                   (SELECT array[h.id::text, h.state] FROM {table} AS h
+                    WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')),
+                   (SELECT count(*) FROM {table} AS a
+                    WHERE a.cursor_key = j.cursor_key AND a.state = 'pending' AND a.id <> j.id
+                      AND (a.scheduled_time, a.id) < (j.scheduled_time, j.id)),
+                   EXISTS (SELECT 1 FROM {workers} AS w, pg_locks AS l
+                           WHERE w.queues ? j.queue AND l.locktype = 'advisory' AND l.granted
+                             AND l.objsubid = 2 AND l.classid = %(lock_class)s::bigint::oid
+                             AND l.objid = w.id::bigint::oid
+                             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+            FROM {table} AS j WHERE j.id = %(id)s
+            """,
+            {"id": job_id, "lock_class": self.model.lock_class},
+        ).one()
+        due_in, holder, ahead, served = row
+        reasons = []
+        if due_in > 0:
+            reasons.append(f"waiting for its time: due in {due_in:.1f}s")
+        if holder is not None:
+            reasons.append(f"its cursor {job.cursor_key!r} is held by job {holder[0]} ({holder[1]})")
+        if ahead:
+            reasons.append(f"{ahead} job(s) ahead of it on cursor {job.cursor_key!r}")
+        if not served:
+            reasons.append(f"no live worker serves queue {job.queue!r}")
+        return {"job_id": job.id, "state": job.state, "reasons": reasons or ["ready"]}
+
     # -- managing -------------------------------------------------------------
 
     def cancel_job(self, job_id: int) -> bool:
@@ -447,10 +517,16 @@ def _lost_error(action: str) -> dict[str, Any]:
     return {"error": {"type": "LostJob", "message": f"the worker running this job died; {action}"}}
 
 
-def _bulk_insert_sql(model: Model) -> str:
-    from ._queries import _table_sql
+def _table_name(table: sa.Table) -> str:
+    return f'"{table.schema}"."{table.name}"' if table.schema else table.name
 
-    job = _table_sql(model.job_table)
+
+def _table(model: Model) -> str:
+    return _table_name(model.job_table)
+
+
+def _bulk_insert_sql(model: Model) -> str:
+    job = _table(model)
     # Ids are drawn up front (nextval per item) so that every item can be told
     # whether it was inserted or collapsed, and onto which job: a later item on
     # the same cursor collapses onto an earlier one of the batch, or onto the
