@@ -1,9 +1,12 @@
-"""The threads that run claimed jobs and write their outcome.
+"""The threads that run claimed jobs, and the one that writes their outcomes.
 
-Each thread has a connection of its own (autocommit) and finishes a job with
-one statement (``FINISH_JOB``): state, result, cursor and the wake-up of the
-next job on the cursor, together. The outcome is fenced by the claim's attempt
-number, so it is written only if the job is still ours.
+``threads`` executor threads take claimed jobs from an in-memory queue and run
+them. Each outcome goes to a single completer thread, which writes every
+outcome waiting at that moment in one statement (``FINISH_JOBS``; a lone one
+with ``FINISH_JOB``): state, result, cursor and the wake-up of the next job on
+each cursor, in one transaction. Under load outcomes share a commit; when idle,
+an outcome is written the moment it arrives. Every write is fenced by the
+claim's attempt number, so it lands only if the job is still ours.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ from .policy import DEFAULT_POLICY
 
 log = logging.getLogger("psycopg2_mq.executor")
 
-#: how long a finished job's outcome is retried through connection failures
+#: how long outcomes are retried through connection failures before giving up
 FINISH_RETRY_SECONDS = 60.0
+#: most outcomes written by one statement
+MAX_BATCH = 500
 
+#: errors by which the database refuses an outcome, as opposed to connection failures
+_REFUSED = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.InternalError, psycopg2.ProgrammingError,
+            psycopg2.NotSupportedError)
 
 #: pseudo-state of an Outcome: the attempt failed and the job goes back to pending
 RETRY = "retry"
@@ -105,8 +113,25 @@ def run_job(job: Job, handler: Any, max_attempts: int = 1, backoff: dict[str, An
     return Outcome(state, result_json, cursor_json)
 
 
+def job_from_row(row: tuple[Any, ...]) -> tuple[Job, int, dict[str, Any] | None]:
+    """A claimed row (``CLAIM_JOBS``' RETURNING) -> (Job, max_attempts, backoff)."""
+    job_id, queue, method, args, cursor_key, trace, attempt, scheduled_time, cursor, max_attempts, backoff = row
+    job = Job(
+        id=job_id,
+        queue=queue,
+        method=method,
+        args=args,
+        cursor=cursor,
+        cursor_key=cursor_key,
+        trace=trace,
+        attempt=attempt,
+        scheduled_time=scheduled_time,
+    )
+    return job, max_attempts, backoff
+
+
 class ExecutorPool:
-    """``threads`` threads taking claimed job rows from an in-memory queue."""
+    """``threads`` threads running claimed jobs, and the completer writing outcomes."""
 
     def __init__(
         self,
@@ -123,97 +148,174 @@ class ExecutorPool:
         self._handlers = handlers
         self._on_idle = on_idle
         self._inbox: queue_module.SimpleQueue[tuple[Any, ...] | None] = queue_module.SimpleQueue()
+        self._outbox: queue_module.SimpleQueue[tuple[Job, Outcome] | None] = queue_module.SimpleQueue()
         self._lock = threading.Lock()
-        self._busy = 0
+        self._in_flight = 0
+        #: moving average of how long a job runs, for sizing the prefetch
+        self.mean_run_seconds: float | None = None
         self.running: dict[int, Job] = {}
         self.counts = {JobStates.COMPLETED: 0, JobStates.FAILED: 0, RETRY: 0, "discarded": 0}
         self._threads = [
-            threading.Thread(target=self._loop, name=f"{name}-exec-{i}", daemon=True) for i in range(threads)
+            threading.Thread(target=self._run_loop, name=f"{name}-exec-{i}", daemon=True) for i in range(threads)
         ]
-        for thread in self._threads:
+        self._completer = threading.Thread(target=self._complete_loop, name=f"{name}-completer", daemon=True)
+        for thread in (*self._threads, self._completer):
             thread.start()
 
     @property
-    def idle(self) -> int:
+    def in_flight(self) -> int:
+        """Jobs handed to the pool whose run has not ended yet (queued or running)."""
         with self._lock:
-            return len(self._threads) - self._busy
+            return self._in_flight
 
     def submit(self, row: tuple[Any, ...]) -> None:
         with self._lock:
-            self._busy += 1
+            self._in_flight += 1
         self._inbox.put(row)
 
     def stop(self) -> None:
-        """Let queued and running jobs finish, then end the threads."""
+        """Run every job handed over, write every outcome, then end the threads."""
         for _ in self._threads:
             self._inbox.put(None)
         for thread in self._threads:
             thread.join()
+        self._outbox.put(None)
+        self._completer.join()
 
-    def _loop(self) -> None:
-        conn = None
+    # -- executor threads --------------------------------------------------------
+
+    def _run_loop(self) -> None:
         while True:
             row = self._inbox.get()
             if row is None:
                 break
             try:
-                conn = self._execute(row, conn)
+                job, max_attempts, backoff = job_from_row(row)
+                with self._lock:
+                    self.running[job.id] = job
+                started = time.monotonic()
+                try:
+                    outcome = run_job(job, self._handlers[job.queue], max_attempts, backoff)
+                finally:
+                    took = time.monotonic() - started
+                    with self._lock:
+                        self.running.pop(job.id, None)
+                        mean = self.mean_run_seconds
+                        self.mean_run_seconds = took if mean is None else 0.9 * mean + 0.1 * took
+                self._outbox.put((job, outcome))
             except Exception:
                 log.exception("executor failed on job %s", row[0])
             finally:
                 with self._lock:
-                    self._busy -= 1
+                    self._in_flight -= 1
                 self._on_idle()
+
+    # -- the completer ------------------------------------------------------------
+
+    def _complete_loop(self) -> None:
+        conn = None
+        stopping = False
+        while not stopping:
+            first = self._outbox.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._outbox.get_nowait()
+                except queue_module.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                conn = self._write(batch, conn)
+            except Exception:
+                log.exception("could not record the outcomes of jobs %s", [job.id for job, _ in batch])
         if conn is not None:
             conn.close()
 
-    def _execute(self, row: tuple[Any, ...], conn: Any) -> Any:
-        job_id, queue, method, args, cursor_key, trace, attempt, scheduled_time, cursor, max_attempts, backoff = row
-        job = Job(
-            id=job_id,
-            queue=queue,
-            method=method,
-            args=args,
-            cursor=cursor,
-            cursor_key=cursor_key,
-            trace=trace,
-            attempt=attempt,
-            scheduled_time=scheduled_time,
-        )
-        with self._lock:
-            self.running[job_id] = job
-        try:
-            outcome = run_job(job, self._handlers[queue], max_attempts, backoff)
-            try:
-                return self._finish(job, outcome, conn)
-            except psycopg2.DatabaseError as exc:
-                # the database refused this outcome (e.g. a trigger failed): record why instead
-                log.error("job %s: could not store its outcome: %s", job.id, exc)
-                failure = Outcome(JobStates.FAILED, _json.dumps(error_result(exc)), None)
-                return self._finish(job, failure, conn)
-        finally:
-            with self._lock:
-                self.running.pop(job_id, None)
+    def _write(self, batch: list[tuple[Job, Outcome]], conn: Any) -> Any:
+        finishes = [(job, outcome) for job, outcome in batch if outcome.state != RETRY]
+        retries = [(job, outcome) for job, outcome in batch if outcome.state == RETRY]
+        if len(finishes) == 1:
+            conn = self._finish_one(*finishes[0], conn)
+        elif finishes:
+            conn = self._finish_many(finishes, conn)
+        for job, outcome in retries:
+            conn = self._retry(job, outcome, conn)
+        return conn
 
-    def _finish(self, job: Job, outcome: Outcome, conn: Any) -> Any:
-        if outcome.state == RETRY:
-            sql = self._queries.retry_job
-            params: dict[str, Any] = {
-                "id": job.id,
-                "attempt": job.attempt,
-                "error": outcome.result_json,
-                "delay": outcome.delay,
-                "extra_attempts": outcome.extra_attempts,
-            }
+    def _finish_one(self, job: Job, outcome: Outcome, conn: Any) -> Any:
+        params = {
+            "id": job.id,
+            "attempt": job.attempt,
+            "state": outcome.state,
+            "result": outcome.result_json,
+            "cursor": outcome.cursor_json,
+        }
+        try:
+            row, conn = self._execute(self._queries.finish_job, params, conn)
+        except _REFUSED as exc:
+            return self._refused(job, exc, conn)
+        self._count([job.id] if row and row[0] else [], [(job, outcome)])
+        return conn
+
+    def _finish_many(self, batch: list[tuple[Job, Outcome]], conn: Any) -> Any:
+        items = []
+        for job, outcome in batch:
+            item = f'{{"id":{job.id},"attempt":{job.attempt},"state":"{outcome.state}","result":{outcome.result_json}'
+            if outcome.cursor_json is not None:
+                item += f',"cursor":{outcome.cursor_json}'
+            items.append(item + "}")
+        try:
+            row, conn = self._execute(self._queries.finish_jobs, {"outcomes": "[" + ",".join(items) + "]"}, conn)
+        except _REFUSED as exc:
+            # the batch was refused as a whole: write each alone, so that one
+            # bad outcome cannot hold back the others
+            log.warning("a batch of %d outcomes was refused (%s); writing them one by one", len(batch), exc)
+            for job, outcome in batch:
+                conn = self._finish_one(job, outcome, conn)
+            return conn
+        self._count(list(row[0]) if row else [], batch)
+        return conn
+
+    def _retry(self, job: Job, outcome: Outcome, conn: Any) -> Any:
+        params = {
+            "id": job.id,
+            "attempt": job.attempt,
+            "error": outcome.result_json,
+            "delay": outcome.delay,
+            "extra_attempts": outcome.extra_attempts,
+        }
+        for _ in range(3):
+            try:
+                row, conn = self._execute(self._queries.retry_job, params, conn)
+                break
+            except psycopg2.errors.UniqueViolation:
+                # a new collapsible call raced onto its cursor; the next try
+                # sees it and stops collapsing this job
+                continue
+            except _REFUSED as exc:
+                return self._refused(job, exc, conn)
         else:
-            sql = self._queries.finish_job
-            params = {
-                "id": job.id,
-                "attempt": job.attempt,
-                "state": outcome.state,
-                "result": outcome.result_json,
-                "cursor": outcome.cursor_json,
-            }
+            row = None
+        self._count([job.id] if row and row[0] else [], [(job, outcome)])
+        return conn
+
+    def _refused(self, job: Job, exc: Exception, conn: Any) -> Any:
+        """The database refused an outcome (e.g. a trigger failed): fail the job with why."""
+        log.error("job %s: could not store its outcome: %s", job.id, exc)
+        failure = Outcome(JobStates.FAILED, _json.dumps(error_result(exc)), None)
+        params = {"id": job.id, "attempt": job.attempt, "state": failure.state, "result": failure.result_json,
+                  "cursor": None}
+        row, conn = self._execute(self._queries.finish_job, params, conn)
+        self._count([job.id] if row and row[0] else [], [(job, failure)])
+        return conn
+
+    def _execute(self, sql: str, params: dict[str, Any], conn: Any) -> tuple[Any, Any]:
+        """Run one autocommit statement, reconnecting through connection failures."""
         deadline = time.monotonic() + FINISH_RETRY_SECONDS
         delay = 0.05
         while True:
@@ -222,33 +324,28 @@ class ExecutorPool:
                     conn = self._connect()
                 with conn.cursor() as cur:
                     cur.execute(sql, params)
-                    row = cur.fetchone()
-                break
-            except psycopg2.errors.UniqueViolation:
-                # a retry raced a new collapsible call onto its cursor; the
-                # statement sees it on the next try and stops collapsing
-                continue
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                    return cur.fetchone(), conn
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
                 if conn is not None:
                     conn.close()
                 conn = None
                 if time.monotonic() > deadline:
-                    # the job stays running under a worker that may still hold its
-                    # lock; give up loudly rather than silently
-                    log.error("could not record the outcome of job %s: %s", job.id, exc)
-                    return None
+                    # the jobs stay running; once this worker's lock goes, the
+                    # maintenance of any worker applies their lost policy
+                    raise
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        written = bool(row and row[0])
+
+    def _count(self, written_ids: list[int], batch: list[tuple[Job, Outcome]]) -> None:
+        written = set(written_ids)
         with self._lock:
-            if written:
-                self.counts[outcome.state] += 1
-            else:
-                self.counts["discarded"] += 1
-        if not written:
-            log.warning(
-                "job %s attempt %s: outcome discarded, the job was marked lost or claimed again",
-                job.id,
-                job.attempt,
-            )
-        return conn
+            for job, outcome in batch:
+                if job.id in written:
+                    self.counts[outcome.state] += 1
+                else:
+                    self.counts["discarded"] += 1
+                    log.warning(
+                        "job %s attempt %s: outcome discarded, the job was marked lost or claimed again",
+                        job.id,
+                        job.attempt,
+                    )

@@ -121,6 +121,40 @@ woken AS (
 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
 """
 
+# FINISH_JOB for a batch: %(outcomes)s is a JSON array of
+# {id, attempt, state, result, cursor?} (cursor present only when it is to be
+# saved). One statement and one commit for every outcome that was waiting.
+# Two outcomes of a batch never share a cursor: both jobs would have had to be
+# running at once, which uq_mq_job_active_cursor forbids.
+FINISH_JOBS = """
+WITH outcome AS MATERIALIZED (
+    SELECT (o->>'id')::bigint AS id, (o->>'attempt')::int AS attempt, o->>'state' AS state,
+           o->'result' AS result, o->'cursor' AS cursor
+    FROM jsonb_array_elements(%(outcomes)s::jsonb) AS o
+),
+done AS (
+    UPDATE {job} AS j
+    SET state = o.state, result = o.result, end_time = now()
+    FROM outcome AS o
+    WHERE j.id = o.id AND j.state = 'running' AND j.attempts = o.attempt
+    RETURNING j.id, j.cursor_key
+),
+saved AS (
+    INSERT INTO {cursor} AS cu (key, properties, updated_time)
+    SELECT done.cursor_key, o.cursor, now() FROM done JOIN outcome AS o ON o.id = done.id
+    WHERE done.cursor_key IS NOT NULL AND o.cursor IS NOT NULL
+    ON CONFLICT (key) DO UPDATE SET properties = excluded.properties, updated_time = excluded.updated_time
+    RETURNING 1
+),
+woken AS (
+    SELECT pg_notify({channel}, '') FROM (
+        SELECT DISTINCT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
+        WHERE p.state = 'pending'
+    ) AS p
+)
+SELECT array(SELECT id FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
+"""
+
 # Put a failed (or snoozed) attempt back to pending, %(delay)s seconds from now,
 # keeping its error in ``errors``; fenced like FINISH_JOB. The job stops being
 # collapsible if another collapsible job is pending on its cursor meanwhile
@@ -294,6 +328,7 @@ class Queries:
     claim_jobs: str
     seconds_until_next_job: str
     finish_job: str
+    finish_jobs: str
     retry_job: str
     register_worker: str
     unregister_worker: str
@@ -314,6 +349,7 @@ class Queries:
             claim_jobs=CLAIM_JOBS.format(**names),
             seconds_until_next_job=SECONDS_UNTIL_NEXT_JOB.format(**names),
             finish_job=FINISH_JOB.format(**names),
+            finish_jobs=FINISH_JOBS.format(**names),
             retry_job=RETRY_JOB.format(**names),
             register_worker=REGISTER_WORKER.format(**names),
             unregister_worker=UNREGISTER_WORKER.format(**names),

@@ -2,9 +2,10 @@
 
 The thread that calls ``run()`` is the dispatcher. It owns one connection,
 which holds the worker's liveness lock, LISTENs to the queues' channels and
-claims jobs for idle threads (one statement for as many as are idle). Between
-claims it sleeps in ``select()`` until a NOTIFY, a thread going idle, the next
-known ``when`` or the next maintenance pass, whichever comes first.
+claims jobs (one statement for as many as the free threads and the prefetch
+buffer take). Between claims it sleeps in ``select()`` until a NOTIFY, a thread
+going idle, the next known ``when`` or the next maintenance pass, whichever
+comes first. The executor threads and the completer are in ``_executor.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = logging.getLogger("psycopg2_mq.worker")
 
 #: how long to back off, at most, between reconnection attempts
 MAX_RECONNECT_DELAY = 5.0
+#: prefetch enough jobs to keep each thread busy this long (seconds)
+PREFETCH_SECONDS = 0.05
 
 
 class MQWorker:
@@ -51,6 +54,12 @@ class MQWorker:
     finished states to a retention (seconds or ``timedelta``); older jobs in
     those states are deleted by the maintenance pass. Nothing is pruned unless
     asked.
+
+    Up to ``prefetch`` jobs may be claimed ahead of free threads, so that
+    claims come in batches under load: as many as keep the threads busy for
+    about 50 ms, judging by how long jobs have been running (none for jobs
+    that take longer than that). Prefetched jobs count as running from
+    their claim; a cursor's jobs are never claimed two at a time.
     """
 
     def __init__(
@@ -65,6 +74,7 @@ class MQWorker:
         maintenance_interval: float = 5.0,
         poll_interval: float = 60.0,
         prune_after: Mapping[str, float | timedelta] | None = None,
+        prefetch: int | None = None,
     ) -> None:
         if not queues:
             raise ValueError("a worker needs at least one queue")
@@ -78,6 +88,8 @@ class MQWorker:
                 raise TypeError(f"queue {queue_name!r}: policy must be a psycopg2_mq.JobPolicy")
         if threads < 1:
             raise ValueError("threads must be at least 1")
+        if prefetch is not None and prefetch < 0:
+            raise ValueError("prefetch must not be negative")
         if maintenance_interval <= 0 or poll_interval <= 0:
             raise ValueError("intervals must be positive")
         self.engine = engine
@@ -85,6 +97,7 @@ class MQWorker:
         self.model = model
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.threads = threads
+        self.prefetch = 64 if prefetch is None else prefetch
         self.capture_signals = capture_signals
         self.maintenance_interval = maintenance_interval
         self.poll_interval = poll_interval
@@ -145,7 +158,7 @@ class MQWorker:
             "state": "stopping" if self._stopping.is_set() and self._state == "running" else self._state,
             "queues": list(self._queue_names),
             "threads": self.threads,
-            "idle_threads": pool.idle if pool else self.threads,
+            "jobs_in_flight": pool.in_flight if pool else 0,
             "running_jobs": running,
             "completed_jobs": pool.counts["completed"] if pool else 0,
             "failed_jobs": pool.counts["failed"] if pool else 0,
@@ -187,14 +200,18 @@ class MQWorker:
                 _maintenance.run_maintenance(self._conn, self._queries, self.model.lock_class, self.retention)
                 self._last_maintenance = now
                 next_maintenance = now + self.maintenance_interval
-            idle = self._pool.idle
+            # refill below the low-water mark, up to the threads plus the
+            # prefetch buffer: under load claims come in batches
+            in_flight = self._pool.in_flight
+            buffer = self._prefetch_now()
+            wanted = self.threads + buffer - in_flight if in_flight < self.threads + buffer // 2 else 0
             timeout = min(next_maintenance - now, self.poll_interval)
-            if idle > 0:
-                claimed = self._claim(idle)
+            if wanted > 0:
+                claimed = self._claim(wanted)
                 for row in claimed:
                     self._pool.submit(row)
-                if len(claimed) == idle:
-                    continue  # every idle thread got a job: there may be more
+                if len(claimed) == wanted:
+                    continue  # got all we asked for: there may be more
                 due_in = self._seconds_until_next_job()
                 if due_in is not None and due_in <= 0:
                     # due but locked by another claim in flight (or a caller's
@@ -206,6 +223,14 @@ class MQWorker:
                     if due_in is not None:
                         timeout = min(timeout, due_in)
             _notify.wait(self._conn, self._waker, max(timeout, 0.0))
+
+    def _prefetch_now(self) -> int:
+        """How many jobs to hold beyond the threads, from how long jobs take."""
+        assert self._pool is not None
+        mean = self._pool.mean_run_seconds
+        if mean is None or self.prefetch == 0:
+            return 0
+        return min(self.prefetch, int(self.threads * PREFETCH_SECONDS / max(mean, 1e-6)))
 
     def _claim(self, limit: int) -> list[tuple[Any, ...]]:
         params = {
