@@ -94,7 +94,11 @@ def make_default_model(metadata: sa.MetaData) -> Model:
     finished = _sql_list(JobStates.FINISHED)
 
     class Job(Base):
-        """One call of ``queue.method(args)``; see ``JobStates``."""
+        """One call of ``queue.method(args)``; see ``JobStates``.
+
+        Optional JSON columns store a Python ``None`` as SQL NULL
+        (``none_as_null``); ``args`` and ``result`` keep JSON ``null`` as a value.
+        """
 
         __tablename__ = "mq_job"
 
@@ -108,10 +112,10 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         #: a pending collapsible job absorbs later calls on its cursor
         collapsible: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
         #: free-form provenance (who asked, retry_of, workflow step...)
-        trace: Mapped[Any | None] = mapped_column(JSONB)
+        trace: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
         #: a call ({queue, method, args, cursor_key}) enqueued, in the same
         #: transaction, when this job becomes completed, failed or canceled
-        on_finish: Mapped[Any | None] = mapped_column(JSONB)
+        on_finish: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
         created_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
         #: the job is not started before this time (``when``)
         scheduled_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
@@ -123,13 +127,13 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
         #: retry policy asked for by the call; NULL takes the queue's (fixed at claim)
         max_attempts: Mapped[int | None] = mapped_column(sa.Integer)
-        backoff: Mapped[Any | None] = mapped_column(JSONB)
+        backoff: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
         lost_policy: Mapped[str | None] = mapped_column(sa.Text)
         timeout: Mapped[float | None] = mapped_column(sa.Float)
         #: when a running attempt times out (claim time + timeout)
         deadline: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
         #: the errors of earlier attempts that were retried, oldest first
-        errors: Mapped[Any | None] = mapped_column(JSONB)
+        errors: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
 
         __table_args__ = (
             sa.CheckConstraint(f"state IN ({states})", name="ck_mq_job_state"),
