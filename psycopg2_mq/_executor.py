@@ -168,6 +168,10 @@ class ExecutorPool:
         with self._lock:
             return self._in_flight
 
+    def running_job_ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self.running)
+
     def submit(self, row: tuple[Any, ...]) -> None:
         with self._lock:
             self._in_flight += 1

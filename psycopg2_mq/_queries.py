@@ -232,7 +232,7 @@ woken AS (
         SELECT r.queue FROM released AS r WHERE r.state = 'pending'
         UNION
         SELECT p.queue FROM {job} AS p JOIN released AS r ON p.cursor_key = r.cursor_key
-        WHERE r.state = 'failed' AND p.state = 'pending'
+        WHERE r.state IN ('failed', 'pending') AND p.state = 'pending'
     ) AS p
 )
 SELECT coalesce(jsonb_object_agg(r.id, r.state), '{{}}'::jsonb), (SELECT count(*) FROM woken)

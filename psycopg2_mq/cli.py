@@ -7,7 +7,9 @@
 * ``init-db`` creates the queue's tables (``metadata.create_all``).
 
 ``database_url_or_embedded`` and ``sqlalchemy_url`` are public so that the
-examples (and your own scripts) pick a database the way the demo does.
+examples (and your own scripts) pick a database the way the demo does;
+``database_url_or_embedded`` raises ``EmbeddedPostgresUnavailable`` (with the
+``pip install`` hint) when it needs ``pgserver`` and it is missing.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import _embedded
-from ._embedded import sqlalchemy_url
+from ._embedded import EmbeddedPostgresUnavailable, sqlalchemy_url
 from .errors import FailedJobError
 from .job import Job
 from .model import JobStates, Model, make_default_model
@@ -39,11 +41,13 @@ from .worker import MQWorker
 
 __all__ = [
     "ENV_DATABASE_URL",
+    "EmbeddedPostgresUnavailable",
     "build_parser",
     "database_url_or_embedded",
     "init_db",
     "load_queue",
     "main",
+    "run_demo",
     "sqlalchemy_url",
 ]
 
@@ -447,7 +451,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         with database_url_or_embedded(args.database_url) as url:
             return run_demo(url, timeout=args.timeout)
-    except _embedded.EmbeddedPostgresUnavailable as exc:
+    except EmbeddedPostgresUnavailable as exc:
         raise CommandError(str(exc)) from None
 
 

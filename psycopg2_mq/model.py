@@ -262,8 +262,9 @@ BEGIN
         jsonb_build_object('on_finish_of', NEW.id)
     )
     ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible
-    DO UPDATE SET args = jsonb_set(
-        j.args, '{{finished_jobs}}', coalesce(j.args->'finished_jobs', '[]'::jsonb) || to_jsonb(NEW.id));
+    DO UPDATE SET args = CASE WHEN jsonb_typeof(j.args) = 'object' THEN jsonb_set(
+        j.args, '{{finished_jobs}}', coalesce(j.args->'finished_jobs', '[]'::jsonb) || to_jsonb(NEW.id))
+        ELSE j.args END;
     RETURN NULL;
 END
 $$;

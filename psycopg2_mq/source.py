@@ -297,7 +297,9 @@ class MQSource:
 
         The job must be finished (completed, failed, canceled) or lost. A lost
         job is failed first, which frees its cursor; its ``on_finish`` call
-        moves to the new job. The new job's trace records ``retry_of``.
+        moves to the new job. The new job keeps the call's policy, never
+        collapses onto another pending job (it queues behind it), and its trace
+        records ``retry_of``.
         """
         job = self._require(job_id, lock=True)
         retryable = (*JobStates.FINISHED, JobStates.LOST)
@@ -308,14 +310,23 @@ class MQSource:
             self._finish_lost(job, _lost_error("retried"), keep_on_finish=False)
         trace = dict(job.trace) if isinstance(job.trace, dict) else {"original_trace": job.trace}
         trace["retry_of"] = job.id
+        collapsible = job.collapsible
+        if job.cursor_key is not None and collapsible and self._pending_on_cursor(job.cursor_key, lock=False):
+            # a retry is a job of its own: it never collapses onto another one,
+            # it waits behind it (only one pending job per cursor may collapse)
+            collapsible = False
         return self.call(
             job.queue,
             job.method,
             job.args,
             cursor_key=job.cursor_key,
-            collapse_on_cursor=job.collapsible if job.cursor_key else True,
+            collapse_on_cursor=collapsible if job.cursor_key else True,
             trace=trace,
             on_finish=on_finish,
+            max_attempts=job.max_attempts,
+            backoff=None if job.backoff is None else Backoff.from_json(job.backoff),
+            lost_policy=job.lost_policy,
+            timeout=job.timeout,
         )
 
     def fail_lost_job(self, job_id: int, result: Any = None) -> Any:

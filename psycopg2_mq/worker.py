@@ -44,7 +44,8 @@ class MQWorker:
     """Run the jobs of ``queues`` (name -> object with ``execute_job(job)``).
 
     ``threads`` jobs run at once. Every ``maintenance_interval`` seconds the
-    worker marks lost the running jobs of dead workers. ``poll_interval`` is
+    worker releases the running jobs of dead workers per their lost policy,
+    expires timed-out attempts and prunes (see ``_maintenance.py``). ``poll_interval`` is
     only a safety net: wake-ups come from LISTEN/NOTIFY and the known ``when``
     of the next job. With ``capture_signals=True`` and ``run()`` on the main
     thread, SIGTERM and SIGINT shut the worker down gracefully.
@@ -76,6 +77,10 @@ class MQWorker:
         prune_after: Mapping[str, float | timedelta] | None = None,
         prefetch: int | None = None,
     ) -> None:
+        if engine.dialect.driver != "psycopg2":
+            raise ValueError(
+                f"MQWorker needs a psycopg2 engine (postgresql+psycopg2://...), not {engine.dialect.driver!r}"
+            )
         if not queues:
             raise ValueError("a worker needs at least one queue")
         for queue_name, handler in queues.items():
@@ -151,7 +156,7 @@ class MQWorker:
     def get_status(self) -> dict[str, Any]:
         """A snapshot of what this worker is doing."""
         pool = self._pool
-        running = sorted(pool.running) if pool else []
+        running = pool.running_job_ids() if pool else []
         return {
             "name": self.name,
             "worker_id": self.worker_id,
@@ -176,13 +181,21 @@ class MQWorker:
         outage_since: float | None = None
         while not self._stopping.is_set():
             try:
-                self._open()
+                if self._conn is None:
+                    self._open()
                 if outage_since is not None:
                     log.warning("worker %s reconnected after %.1fs", self.name, time.monotonic() - outage_since)
                     outage_since = None
                 delay = 0.1
                 self._dispatch()
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                if self._conn is not None and not self._conn.closed:
+                    # a statement failed but the connection, and so our lock, is
+                    # fine: keep both rather than let our jobs look abandoned
+                    log.error("worker %s: dispatcher statement failed: %s", self.name, exc)
+                    self._sleep(delay)
+                    delay = min(delay * 2, MAX_RECONNECT_DELAY)
+                    continue
                 if outage_since is None:
                     outage_since = time.monotonic()
                     log.error("worker %s lost its database connection, reconnecting: %s", self.name, exc)
@@ -244,8 +257,9 @@ class MQWorker:
                 with self._conn.cursor() as cur:
                     cur.execute(self._queries.claim_jobs, params)
                     return cur.fetchall()
-            except psycopg2.errors.UniqueViolation:
-                # two claims raced onto one cursor; the index kept the rule, retry
+            except (psycopg2.errors.UniqueViolation, psycopg2.errors.DeadlockDetected):
+                # two claims raced onto one cursor (from stale snapshots): the
+                # unique index kept the rule and failed one of them; claim again
                 continue
         return []
 
@@ -266,11 +280,16 @@ class MQWorker:
         return conn
 
     def _open(self) -> None:
-        self._conn = self._connect()
-        self.worker_id = _liveness.register_worker(
-            self._conn, self._queries, self.model.lock_class, self.name, self._queue_names, self.worker_id
-        )
-        _notify.listen(self._conn, self._queue_names)
+        conn = self._connect()
+        try:
+            self.worker_id = _liveness.register_worker(
+                conn, self._queries, self.model.lock_class, self.name, self._queue_names, self.worker_id
+            )
+            _notify.listen(conn, self._queue_names)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
         log.info("worker %s (id %s) serving %s", self.name, self.worker_id, ", ".join(self._queue_names))
 
     def _disconnect(self, unregister: bool) -> None:
