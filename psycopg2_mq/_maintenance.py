@@ -62,11 +62,13 @@ def prune_finished_jobs(conn: Any, queries: Queries, retention: Mapping[str, flo
     return deleted
 
 
-def run_maintenance(conn: Any, queries: Queries, lock_class: int, retention: Mapping[str, float]) -> None:
+def run_maintenance(
+    conn: Any, queries: Queries, lock_class: int, lost_after: float, retention: Mapping[str, float]
+) -> None:
     """One pass: lost jobs, timed-out jobs, dead workers' rows, old finished jobs."""
-    _liveness.mark_lost_jobs(conn, queries, lock_class)
+    _liveness.mark_lost_jobs(conn, queries, lock_class, lost_after)
     expire_timed_out_jobs(conn, queries)
     with conn.cursor() as cur:
-        cur.execute(queries.forget_dead_workers, {"lock_class": lock_class})
+        cur.execute(queries.forget_dead_workers, {"lost_after": lost_after})
     if retention:
         prune_finished_jobs(conn, queries, retention)

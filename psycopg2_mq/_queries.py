@@ -250,7 +250,12 @@ def _attempt_error(kind: str, message: str) -> str:
 # released it when the worker's session ended (process killed, connection
 # dropped). A live worker always holds the lock before it claims, on the very
 # connection it claims with, so a running job of a live worker is never
-# matched. Each is then retried, failed or held as ``lost`` per its lost policy.
+# matched. A worker whose lock is free is first only marked ``missing_since``;
+# its jobs are released once that has lasted %(lost_after)s seconds, so that a
+# worker reconnecting after a blip or a database restart keeps its jobs. (The
+# mark set here is not visible to ``victims`` in the same statement: a worker
+# is never released on the pass that first finds it missing.) Each released
+# job is retried, failed or held as ``lost`` per its lost policy.
 MARK_LOST_JOBS = _release_jobs(
     """
 WITH alive AS MATERIALIZED (
@@ -258,6 +263,11 @@ WITH alive AS MATERIALIZED (
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
       AND l.classid = %(lock_class)s::bigint::oid
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+),
+missing AS (
+    UPDATE {worker} AS w SET missing_since = now()
+    WHERE w.missing_since IS NULL AND w.id NOT IN (SELECT worker_id FROM alive)
+    RETURNING w.id
 ),
 victims AS (
     SELECT j.id,
@@ -269,6 +279,10 @@ victims AS (
     + """ AS error
     FROM {job} AS j
     WHERE j.state = 'running' AND j.worker_id NOT IN (SELECT worker_id FROM alive)
+      AND NOT EXISTS (
+            SELECT 1 FROM {worker} AS w
+            WHERE w.id = j.worker_id
+              AND (w.missing_since IS NULL OR w.missing_since > now() - make_interval(secs => %(lost_after)s)))
     FOR UPDATE OF j SKIP LOCKED
 )"""
 )
@@ -290,14 +304,20 @@ WITH victims AS (
 )"""
 )
 
-# Forget the registry rows of dead workers.
+# Forget the registry rows of dead workers once none of their jobs is running.
 FORGET_DEAD_WORKERS = """
 DELETE FROM {worker} AS w
-WHERE NOT EXISTS (
-    SELECT 1 FROM pg_locks AS l
-    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-      AND l.classid = %(lock_class)s::bigint::oid AND l.objid = w.id::bigint::oid
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+WHERE w.missing_since < now() - make_interval(secs => %(lost_after)s)
+  AND NOT EXISTS (SELECT 1 FROM {job} AS j WHERE j.worker_id = w.id AND j.state = 'running')
+"""
+
+# After a reconnect: the worker got its lock back, so it is not missing.
+REJOIN_WORKER = """
+WITH back AS (UPDATE {worker} SET missing_since = NULL WHERE id = %(worker_id)s RETURNING id)
+INSERT INTO {worker} (id, name, host, pid, queues)
+SELECT %(worker_id)s, %(name)s, %(host)s, %(pid)s, %(queues)s::jsonb
+WHERE NOT EXISTS (SELECT 1 FROM back)
+ON CONFLICT (id) DO NOTHING
 """
 
 # Delete up to %(batch)s finished jobs of one state older than %(age)s seconds.
@@ -331,6 +351,7 @@ class Queries:
     finish_jobs: str
     retry_job: str
     register_worker: str
+    rejoin_worker: str
     unregister_worker: str
     mark_lost_jobs: str
     expire_jobs: str
@@ -352,6 +373,7 @@ class Queries:
             finish_jobs=FINISH_JOBS.format(**names),
             retry_job=RETRY_JOB.format(**names),
             register_worker=REGISTER_WORKER.format(**names),
+            rejoin_worker=REJOIN_WORKER.format(**names),
             unregister_worker=UNREGISTER_WORKER.format(**names),
             mark_lost_jobs=MARK_LOST_JOBS.format(**names),
             expire_jobs=EXPIRE_JOBS.format(**names),

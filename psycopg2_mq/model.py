@@ -203,6 +203,9 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         pid: Mapped[int] = mapped_column(sa.Integer)
         queues: Mapped[Any] = mapped_column(JSONB)
         started_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+        #: when a maintenance pass first found this worker's lock free; its jobs
+        #: are released once that has lasted ``lost_after`` (it may be reconnecting)
+        missing_since: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
     job_table = _qualified(metadata, "mq_job")
     _install_wake_trigger(Job.__table__, metadata.schema)

@@ -45,7 +45,10 @@ class MQWorker:
 
     ``threads`` jobs run at once. Every ``maintenance_interval`` seconds the
     worker releases the running jobs of dead workers per their lost policy,
-    expires timed-out attempts and prunes (see ``_maintenance.py``). ``poll_interval`` is
+    expires timed-out attempts and prunes (see ``_maintenance.py``). A worker
+    counts as dead once its liveness lock has been free for ``lost_after``
+    seconds (default: two maintenance intervals), so one that reconnects
+    sooner keeps its jobs. ``poll_interval`` is
     only a safety net: wake-ups come from LISTEN/NOTIFY and the known ``when``
     of the next job. With ``capture_signals=True`` and ``run()`` on the main
     thread, SIGTERM and SIGINT shut the worker down gracefully.
@@ -76,6 +79,7 @@ class MQWorker:
         poll_interval: float = 60.0,
         prune_after: Mapping[str, float | timedelta] | None = None,
         prefetch: int | None = None,
+        lost_after: float | None = None,
     ) -> None:
         if engine.dialect.driver != "psycopg2":
             raise ValueError(
@@ -97,6 +101,8 @@ class MQWorker:
             raise ValueError("prefetch must not be negative")
         if maintenance_interval <= 0 or poll_interval <= 0:
             raise ValueError("intervals must be positive")
+        if lost_after is not None and lost_after < 0:
+            raise ValueError("lost_after must not be negative")
         self.engine = engine
         self.queues = dict(queues)
         self.model = model
@@ -106,6 +112,7 @@ class MQWorker:
         self.capture_signals = capture_signals
         self.maintenance_interval = maintenance_interval
         self.poll_interval = poll_interval
+        self.lost_after = 2 * maintenance_interval if lost_after is None else lost_after
         self.worker_id: int | None = None
         self.retention = _maintenance.normalize_retention(prune_after)
         self._queries = Queries.for_model(model)
@@ -210,7 +217,9 @@ class MQWorker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_maintenance:
-                _maintenance.run_maintenance(self._conn, self._queries, self.model.lock_class, self.retention)
+                _maintenance.run_maintenance(
+                    self._conn, self._queries, self.model.lock_class, self.lost_after, self.retention
+                )
                 self._last_maintenance = now
                 next_maintenance = now + self.maintenance_interval
             # refill below the low-water mark, up to the threads plus the
