@@ -63,11 +63,19 @@ class Outcome:
 def error_result(exc: BaseException) -> dict[str, Any]:
     """The structured result stored for a job that raised ``exc``."""
     kind = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # an exception may fail even to print itself
+        message = f"<unprintable {kind.__qualname__}>"
+    try:
+        trace = "".join(traceback.format_exception(exc))
+    except Exception:
+        trace = message
     return {
         "error": {
             "type": f"{kind.__module__}.{kind.__qualname__}",
-            "message": _json.scrub(str(exc)),
-            "traceback": _json.scrub("".join(traceback.format_exception(exc))),
+            "message": _json.scrub(message),
+            "traceback": _json.scrub(trace),
         }
     }
 
@@ -92,7 +100,7 @@ def run_job(job: Job, handler: Any, max_attempts: int = 1, backoff: dict[str, An
         log.info("job %s (%s.%s) asked to be retried in %.3gs", job.id, job.queue, job.method, exc.delay)
         error = {"type": "RetryJob", "message": _json.scrub(str(exc))}
         return Outcome(RETRY, _json.dumps(error), None, delay=exc.delay, extra_attempts=1)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit too: a job must not end its thread
         if job.attempt < max_attempts:
             policy = getattr(handler, "policy", None) or DEFAULT_POLICY
             delay = policy.retry_delay(job.attempt, backoff)
@@ -200,6 +208,11 @@ class ExecutorPool:
                 started = time.monotonic()
                 try:
                     outcome = run_job(job, self._handlers[job.queue], max_attempts, backoff)
+                except BaseException as exc:
+                    # run_job catches the job's errors; this is our own bug, and
+                    # the job must still get an outcome rather than stay running
+                    log.exception("executor failed on job %s", job.id)
+                    outcome = Outcome(JobStates.FAILED, _json.dumps(error_result(exc)), None)
                 finally:
                     took = time.monotonic() - started
                     with self._lock:

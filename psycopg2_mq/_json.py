@@ -18,14 +18,25 @@ class NotJSONError(TypeError):
 def dumps(value: Any, what: str = "value") -> str:
     """Serialize ``value`` for a ``jsonb`` column or raise :class:`NotJSONError`."""
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise NotJSONError(f"{what} must be JSON-serializable: {exc}") from None
     if "\\u0000" in text:
         raise NotJSONError(f"{what} contains a NUL character, which PostgreSQL jsonb cannot store")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NotJSONError(f"{what} contains a lone surrogate, which is not valid Unicode text") from None
     return text
 
 
 def scrub(text: str) -> str:
-    """Make free text (exception messages, tracebacks) storable in ``jsonb``."""
-    return text.replace("\x00", "\\x00")
+    """Make free text (exception messages, tracebacks) storable in ``jsonb``.
+
+    NUL becomes ``\\x00`` and lone surrogates their ``\\udXXX`` escape.
+    """
+    text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -59,6 +59,10 @@ def wait(conn: Any, waker: Waker, timeout: float | None) -> bool:
     Returns True if ``conn`` received notifications (they are consumed here:
     any notification just means "look again").
     """
+    if conn.notifies:
+        # read while the dispatcher ran a statement: the socket is quiet now
+        conn.notifies.clear()
+        return True
     readable, _, _ = select.select([conn, waker], [], [], timeout)
     if waker in readable:
         waker.drain()

@@ -4,6 +4,9 @@
 returns a :class:`Model` holding the mapped classes, so that an application can
 put the queue next to its own tables and query them with its own sessions.
 
+Every name is fixed (``conv``): an application's naming convention on its
+``MetaData`` does not rename them, so the alembic history matches.
+
 The indexes are the part that matters most:
 
 * ``ix_mq_job_claim`` covers only *pending* jobs, so the claim query stays
@@ -26,6 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry
+from sqlalchemy.sql.elements import conv
 
 
 class JobStates:
@@ -136,45 +140,54 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         errors: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
 
         __table_args__ = (
-            sa.CheckConstraint(f"state IN ({states})", name="ck_mq_job_state"),
-            sa.CheckConstraint("queue <> '' AND method <> ''", name="ck_mq_job_names"),
-            sa.CheckConstraint("lost_policy IN ('hold', 'retry', 'fail')", name="ck_mq_job_lost_policy"),
-            sa.CheckConstraint("max_attempts >= 1", name="ck_mq_job_max_attempts"),
-            sa.CheckConstraint("timeout > 0", name="ck_mq_job_timeout"),
+            sa.CheckConstraint(f"state IN ({states})", name=conv("ck_mq_job_state")),
+            sa.CheckConstraint("queue <> '' AND method <> ''", name=conv("ck_mq_job_names")),
+            sa.CheckConstraint("lost_policy IN ('hold', 'retry', 'fail')", name=conv("ck_mq_job_lost_policy")),
+            sa.CheckConstraint("max_attempts >= 1", name=conv("ck_mq_job_max_attempts")),
+            sa.CheckConstraint("timeout > 0", name=conv("ck_mq_job_timeout")),
+            # the on_finish trigger runs inside the statement that finishes the
+            # job: a malformed callback must be refused when it is written
+            sa.CheckConstraint(
+                "on_finish IS NULL OR (jsonb_typeof(on_finish) = 'object'"
+                " AND coalesce(on_finish->>'queue', '') <> '' AND coalesce(on_finish->>'method', '') <> ''"
+                " AND coalesce(jsonb_typeof(on_finish->'args'), 'object') = 'object')",
+                name=conv("ck_mq_job_on_finish"),
+            ),
+            sa.PrimaryKeyConstraint("id", name=conv("mq_job_pkey")),
             sa.Index(
-                "ix_mq_job_claim",
+                conv("ix_mq_job_claim"),
                 "queue",
                 "scheduled_time",
                 "id",
                 postgresql_where=sa.text("state = 'pending'"),
             ),
             sa.Index(
-                "uq_mq_job_pending_cursor",
+                conv("uq_mq_job_pending_cursor"),
                 "cursor_key",
                 unique=True,
                 postgresql_where=sa.text("state = 'pending' AND collapsible"),
             ),
             sa.Index(
-                "ix_mq_job_pending_cursor",
+                conv("ix_mq_job_pending_cursor"),
                 "cursor_key",
                 "scheduled_time",
                 "id",
                 postgresql_where=sa.text("state = 'pending' AND cursor_key IS NOT NULL"),
             ),
             sa.Index(
-                "uq_mq_job_active_cursor",
+                conv("uq_mq_job_active_cursor"),
                 "cursor_key",
                 unique=True,
                 postgresql_where=sa.text(f"state IN ({holding})"),
             ),
             sa.Index(
-                "ix_mq_job_finished",
+                conv("ix_mq_job_finished"),
                 "state",
                 "end_time",
                 postgresql_where=sa.text(f"state IN ({finished})"),
             ),
             sa.Index(
-                "ix_mq_job_running_worker",
+                conv("ix_mq_job_running_worker"),
                 "worker_id",
                 postgresql_where=sa.text("state = 'running'"),
             ),
@@ -187,6 +200,7 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         """Persistent state shared by the jobs of one ``cursor_key``."""
 
         __tablename__ = "mq_cursor"
+        __table_args__ = (sa.PrimaryKeyConstraint("key", name=conv("mq_cursor_pkey")),)
 
         key: Mapped[str] = mapped_column(sa.Text, primary_key=True)
         properties: Mapped[Any] = mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
@@ -196,6 +210,7 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         """A live (or recently dead) worker; it holds advisory lock ``(lock_class, id)``."""
 
         __tablename__ = "mq_worker"
+        __table_args__ = (sa.PrimaryKeyConstraint("id", name=conv("mq_worker_pkey")),)
 
         id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
         name: Mapped[str] = mapped_column(sa.Text)

@@ -9,6 +9,7 @@ same policy without knowing the queue's Python object.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,8 +105,8 @@ def check_policy_values(max_attempts: Any, lost: Any, timeout: Any) -> None:
     if timeout is not None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
             raise TypeError("timeout must be a number of seconds")
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError("timeout must be a positive, finite number of seconds")
 
 
 DEFAULT_POLICY = JobPolicy()

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
 
 from . import _json
 from ._notify import channel_for
@@ -127,6 +128,9 @@ class MQSource:
             if existing is not None:
                 if conflict_resolver is not None:
                     conflict_resolver(existing, request)
+                    # JSON columns don't track changes made in place
+                    flag_modified(existing, "args")
+                    flag_modified(existing, "trace")
                     self.dbsession.flush()
                     # its time may have moved; workers re-read the next due job
                     self._notify(existing.queue)
