@@ -20,10 +20,14 @@ from .model import Model, channel_sql
 # * FOR UPDATE SKIP LOCKED: two workers never lock the same pending row; a row
 #   claimed meanwhile fails the re-check of ``state = 'pending'`` and is skipped.
 # * A job whose cursor has a running or lost job is not a candidate, and at most
-#   one job per cursor is taken per claim (row_number). Should two claims still
-#   race onto one cursor (possible only with non-collapsible jobs, from a stale
-#   snapshot), the unique index ``uq_mq_job_active_cursor`` rejects the second
-#   and the worker simply claims again.
+#   one job per cursor is taken per claim (row_number). A claim also takes a
+#   transaction-scoped try-lock on each candidate's cursor (class
+#   -%(lock_class)s), so two claims in flight never pick jobs of one cursor:
+#   without it, two claims taking jobs of cursors x and y in opposite orders
+#   deadlock on the unique index, which PostgreSQL breaks only after
+#   deadlock_timeout. Should a claim still race onto a cursor from a stale
+#   snapshot (only with non-collapsible jobs), the unique index
+#   ``uq_mq_job_active_cursor`` rejects it at once and the worker claims again.
 # * ``scheduled_time <= now()`` and ``start_time = now()`` use the same database
 #   clock, so no job starts before its ``when``.
 # * ``attempts + 1`` is the fencing token the completion must present.
@@ -41,9 +45,11 @@ WITH candidates AS (
         SELECT j.id, j.cursor_key, j.scheduled_time
         FROM {job} AS j
         WHERE j.state = 'pending' AND j.queue = q.name AND j.scheduled_time <= now()
-          AND (j.cursor_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM {job} AS h
-                WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')))
+          AND (j.cursor_key IS NULL OR (
+                NOT EXISTS (
+                    SELECT 1 FROM {job} AS h
+                    WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost'))
+                AND pg_try_advisory_xact_lock(-%(lock_class)s, hashtext(j.cursor_key))))
         ORDER BY j.scheduled_time, j.id
         LIMIT %(limit)s
         FOR UPDATE OF j SKIP LOCKED
@@ -68,10 +74,17 @@ SET state = 'running', start_time = now(), end_time = NULL,
 FROM chosen
 WHERE j.id = chosen.id
 RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
-    CASE WHEN j.cursor_key IS NULL THEN NULL
-         ELSE coalesce((SELECT cu.properties FROM {cursor} AS cu WHERE cu.key = j.cursor_key), '{{}}'::jsonb)
-    END AS cursor,
-    j.max_attempts, j.backoff
+    NULL::jsonb AS cursor, j.max_attempts, j.backoff
+"""
+
+# The data of the claimed jobs' cursors. Deliberately a statement of its own,
+# run after the claim: the claim may run on a snapshot taken before the
+# previous job of a cursor finished (a non-collapsible job can then be claimed
+# the moment that job completes, which the unique index rightly allows), and
+# reading the cursor from that snapshot would lose the previous job's update.
+# A new statement sees every job that finished before this claim.
+READ_CURSORS = """
+SELECT key, properties FROM {cursor} WHERE key = ANY(%(keys)s::text[])
 """
 
 # Seconds until the next job of these queues may be claimed (<= 0: one is due
@@ -346,6 +359,7 @@ class Queries:
     """The statements above, with the model's table names filled in."""
 
     claim_jobs: str
+    read_cursors: str
     seconds_until_next_job: str
     finish_job: str
     finish_jobs: str
@@ -368,6 +382,7 @@ class Queries:
         }
         return cls(
             claim_jobs=CLAIM_JOBS.format(**names),
+            read_cursors=READ_CURSORS.format(**names),
             seconds_until_next_job=SECONDS_UNTIL_NEXT_JOB.format(**names),
             finish_job=FINISH_JOB.format(**names),
             finish_jobs=FINISH_JOBS.format(**names),

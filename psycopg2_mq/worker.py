@@ -26,7 +26,7 @@ import psycopg2
 import psycopg2.errors
 import sqlalchemy as sa
 
-from . import _liveness, _maintenance, _notify
+from . import _claim, _liveness, _maintenance, _notify
 from ._executor import ExecutorPool
 from ._queries import Queries
 from .model import Model
@@ -255,28 +255,19 @@ class MQWorker:
         return min(self.prefetch, int(self.threads * PREFETCH_SECONDS / max(mean, 1e-6)))
 
     def _claim(self, limit: int) -> list[tuple[Any, ...]]:
-        params = {
-            "queues": self._queue_names,
-            "limit": limit,
-            "worker_id": self.worker_id,
-            "policies": self._policies,
-        }
-        for _ in range(5):
-            try:
-                with self._conn.cursor() as cur:
-                    cur.execute(self._queries.claim_jobs, params)
-                    return cur.fetchall()
-            except (psycopg2.errors.UniqueViolation, psycopg2.errors.DeadlockDetected):
-                # two claims raced onto one cursor (from stale snapshots): the
-                # unique index kept the rule and failed one of them; claim again
-                continue
-        return []
+        assert self.worker_id is not None
+        return _claim.claim_jobs(
+            self._conn,
+            self._queries,
+            lock_class=self.model.lock_class,
+            worker_id=self.worker_id,
+            queues=self._queue_names,
+            limit=limit,
+            policies=self._policies,
+        )
 
     def _seconds_until_next_job(self) -> float | None:
-        with self._conn.cursor() as cur:
-            cur.execute(self._queries.seconds_until_next_job, {"queues": self._queue_names})
-            row = cur.fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        return _claim.seconds_until_next_job(self._conn, self._queries, self._queue_names)
 
     # -- connections -----------------------------------------------------------------
 
