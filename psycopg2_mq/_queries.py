@@ -19,8 +19,11 @@ from .model import Model, channel_sql
 # Why it is safe under concurrency:
 # * FOR UPDATE SKIP LOCKED: two workers never lock the same pending row; a row
 #   claimed meanwhile fails the re-check of ``state = 'pending'`` and is skipped.
-# * A job whose cursor has a running or lost job is not a candidate, and at most
-#   one job per cursor is taken per claim (row_number). A claim also takes a
+# * A job of a cursor is a candidate only if no job holds the cursor (running
+#   or lost) and it is the cursor's head: no pending job of the cursor, in any
+#   queue, comes before it in (scheduled_time, id) order. So a cursor's jobs
+#   run one at a time and in turn, and a claim takes at most one per cursor.
+#   A claim also takes a
 #   transaction-scoped try-lock on each candidate's cursor (class
 #   -%(lock_class)s), so two claims in flight never pick jobs of one cursor:
 #   without it, two claims taking jobs of cursors x and y in opposite orders
@@ -49,6 +52,10 @@ WITH candidates AS (
                 NOT EXISTS (
                     SELECT 1 FROM {job} AS h
                     WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost'))
+                AND NOT EXISTS (
+                    SELECT 1 FROM {job} AS e
+                    WHERE e.cursor_key = j.cursor_key AND e.state = 'pending'
+                      AND (e.scheduled_time, e.id) < (j.scheduled_time, j.id))
                 AND pg_try_advisory_xact_lock(-%(lock_class)s, hashtext(j.cursor_key))))
         ORDER BY j.scheduled_time, j.id
         LIMIT %(limit)s
@@ -56,14 +63,7 @@ WITH candidates AS (
     ) AS c
 ),
 chosen AS (
-    SELECT id FROM (
-        SELECT id, cursor_key, scheduled_time,
-               row_number() OVER (PARTITION BY cursor_key ORDER BY scheduled_time, id) AS nth
-        FROM candidates
-    ) AS ranked
-    WHERE cursor_key IS NULL OR nth = 1
-    ORDER BY scheduled_time, id
-    LIMIT %(limit)s
+    SELECT id FROM candidates ORDER BY scheduled_time, id LIMIT %(limit)s
 )
 UPDATE {job} AS j
 SET state = 'running', start_time = now(), end_time = NULL,
