@@ -106,7 +106,10 @@ CROSS JOIN LATERAL (
 
 # Finish a claimed job: its state and result, its cursor (when %(cursor)s is
 # not NULL) and a NOTIFY for the next job waiting on that cursor, in one
-# statement and so one transaction.
+# statement and so one transaction. A job inserted on the cursor while this
+# statement runs is not in its snapshot; the NOTIFY of the job's own queue
+# covers the usual case of that job being of the same queue (its workers then
+# claim it), the safety poll the rest.
 #
 # Fencing: the UPDATE matches only while the job is still ``running`` with the
 # attempt this worker claimed; a worker presumed dead (its job marked lost, or
@@ -116,7 +119,7 @@ WITH done AS (
     UPDATE {job}
     SET state = %(state)s, result = %(result)s::jsonb, end_time = now()
     WHERE id = %(id)s AND state = 'running' AND attempts = %(attempt)s
-    RETURNING cursor_key
+    RETURNING queue, cursor_key
 ),
 saved AS (
     INSERT INTO {cursor} AS cu (key, properties, updated_time)
@@ -127,8 +130,10 @@ saved AS (
 ),
 woken AS (
     SELECT pg_notify({channel}, '') FROM (
-        SELECT DISTINCT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
+        SELECT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
         WHERE p.state = 'pending'
+        UNION
+        SELECT done.queue FROM done WHERE done.cursor_key IS NOT NULL
     ) AS p
 )
 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
@@ -150,7 +155,7 @@ done AS (
     SET state = o.state, result = o.result, end_time = now()
     FROM outcome AS o
     WHERE j.id = o.id AND j.state = 'running' AND j.attempts = o.attempt
-    RETURNING j.id, j.cursor_key
+    RETURNING j.id, j.queue, j.cursor_key
 ),
 saved AS (
     INSERT INTO {cursor} AS cu (key, properties, updated_time)
@@ -161,8 +166,10 @@ saved AS (
 ),
 woken AS (
     SELECT pg_notify({channel}, '') FROM (
-        SELECT DISTINCT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
+        SELECT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
         WHERE p.state = 'pending'
+        UNION
+        SELECT done.queue FROM done WHERE done.cursor_key IS NOT NULL
     ) AS p
 )
 SELECT array(SELECT id FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)

@@ -56,6 +56,7 @@ class Model:
     metadata: sa.MetaData
     Job: type
     JobCursor: type
+    FinishedJob: type
     Worker: type
     states: type[JobStates]
     #: first key of the advisory locks that workers hold while alive
@@ -68,6 +69,10 @@ class Model:
     @property
     def cursor_table(self) -> sa.Table:
         return self.JobCursor.__table__  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def finished_job_table(self) -> sa.Table:
+        return self.FinishedJob.__table__  # type: ignore[attr-defined, no-any-return]
 
     @property
     def worker_table(self) -> sa.Table:
@@ -206,6 +211,20 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         properties: Mapped[Any] = mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
         updated_time: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
 
+    class FinishedJob(Base):
+        """A job whose ``on_finish`` callback has a cursor, recorded when it finished.
+
+        Read and deleted by ``MQSource.take_finished_jobs(cursor_key)``, inside
+        the callback's transaction: collapsed callbacks learn every job they
+        stand for, without finishing jobs contending for one row.
+        """
+
+        __tablename__ = "mq_finished_job"
+        __table_args__ = (sa.PrimaryKeyConstraint("cursor_key", "job_id", name=conv("mq_finished_job_pkey")),)
+
+        cursor_key: Mapped[str] = mapped_column(sa.Text)
+        job_id: Mapped[int] = mapped_column(sa.BigInteger)
+
     class Worker(Base):
         """A live (or recently dead) worker; it holds advisory lock ``(lock_class, id)``."""
 
@@ -229,6 +248,7 @@ def make_default_model(metadata: sa.MetaData) -> Model:
         metadata=metadata,
         Job=Job,
         JobCursor=JobCursor,
+        FinishedJob=FinishedJob,
         Worker=Worker,
         states=JobStates,
         lock_class=lock_class,
@@ -249,7 +269,10 @@ def wake_trigger_ddl(schema: str | None) -> tuple[str, str]:
     * ``mq_job_call_on_finish`` enqueues a job's ``on_finish`` call in the
       transaction that finishes it, whichever path finishes it (a worker, a
       cancel, failing a lost job), with the job's id in ``args.finished_jobs``.
-      The WHEN clause keeps it free for other jobs.
+      A callback with a cursor collapses onto the one pending, like
+      ``MQSource.call``; every finished job is then also recorded in
+      ``mq_finished_job`` under that cursor. The WHEN clause keeps the trigger
+      free for other jobs.
     """
     prefix = f'"{schema}".' if schema else ""
     finished = _sql_list(JobStates.FINISHED)
@@ -267,10 +290,15 @@ CREATE TRIGGER mq_job_wake_on_insert AFTER INSERT ON {prefix}mq_job
 
 CREATE FUNCTION {prefix}mq_job_call_on_finish() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- Collapses onto a pending collapsible job of the same cursor, like
-    -- MQSource.call, but records this job's id in its args.finished_jobs, so
-    -- the callback learns every job it stands for.
-    INSERT INTO {prefix}mq_job AS j (queue, method, args, state, cursor_key, trace)
+    -- a callback with a cursor collapses; the finished job is recorded in
+    -- mq_finished_job for MQSource.take_finished_jobs (an insert: finishing
+    -- jobs never wait on each other, nor on the pending callback's row)
+    IF NEW.on_finish->>'cursor_key' IS NOT NULL THEN
+        INSERT INTO {prefix}mq_finished_job (cursor_key, job_id)
+        VALUES (NEW.on_finish->>'cursor_key', NEW.id)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    INSERT INTO {prefix}mq_job (queue, method, args, state, cursor_key, trace)
     VALUES (
         NEW.on_finish->>'queue',
         NEW.on_finish->>'method',
@@ -279,10 +307,7 @@ BEGIN
         NEW.on_finish->>'cursor_key',
         jsonb_build_object('on_finish_of', NEW.id)
     )
-    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible
-    DO UPDATE SET args = CASE WHEN jsonb_typeof(j.args) = 'object' THEN jsonb_set(
-        j.args, '{{finished_jobs}}', coalesce(j.args->'finished_jobs', '[]'::jsonb) || to_jsonb(NEW.id))
-        ELSE j.args END;
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING;
     RETURN NULL;
 END
 $$;

@@ -278,6 +278,19 @@ class MQSource:
             reasons.append(f"no live worker serves queue {job.queue!r}")
         return {"job_id": job.id, "state": job.state, "reasons": reasons or ["ready"]}
 
+    def take_finished_jobs(self, cursor_key: str) -> list[int]:
+        """Ids of the jobs whose ``on_finish`` (with this ``cursor_key``) fired; deletes them.
+
+        Meant for the callback itself: called in the callback's transaction, a
+        crash before its commit leaves them for the next callback.
+        """
+        _check_name(cursor_key, "cursor_key")
+        table = _table_name(self.model.finished_job_table)
+        rows = self._connection().exec_driver_sql(
+            f"DELETE FROM {table} WHERE cursor_key = %(key)s RETURNING job_id", {"key": cursor_key}
+        ).all()
+        return sorted(row[0] for row in rows)
+
     # -- managing -------------------------------------------------------------
 
     def cancel_job(self, job_id: int) -> bool:

@@ -3,7 +3,7 @@
 The server is ``MQ_TEST_DATABASE_URL`` when set, else an embedded PostgreSQL
 (``pgserver``) started for this test session. Either way the session works in a
 database of its own, created here and dropped at the end, and every test starts
-with empty queue tables.
+with empty tables (the queue's and the workflow layer's).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from psycopg2_mq import make_default_model
+from workflows import make_workflow_model
 
 settings.register_profile(
     "ci",
@@ -101,7 +102,13 @@ def model(metadata: sa.MetaData):
 
 
 @pytest.fixture(scope="session")
-def _session_engine(database_url: sa.URL, metadata: sa.MetaData, model) -> Iterator[sa.Engine]:
+def workflow_model(metadata: sa.MetaData, model):
+    """The workflow tables, declared on the same MetaData as the queue's."""
+    return make_workflow_model(metadata)
+
+
+@pytest.fixture(scope="session")
+def _session_engine(database_url: sa.URL, metadata: sa.MetaData, model, workflow_model) -> Iterator[sa.Engine]:
     engine = sa.create_engine(database_url, pool_size=10, max_overflow=40)
     metadata.create_all(engine)
     yield engine

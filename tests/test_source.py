@@ -658,9 +658,13 @@ def test_on_finish_callbacks_collapse_on_their_cursor(engine, model):
     (callback,) = callback_jobs(engine, model)
     assert callback.state == JobStates.PENDING
     assert callback.trace["on_finish_of"] in ids
-    # the callback learns every job it stands for
-    assert callback.args["x"] == 1
-    assert sorted(callback.args["finished_jobs"]) == sorted(ids)
+    assert callback.args == {"x": 1, "finished_jobs": [callback.trace["on_finish_of"]]}
+    # the callback learns every job it stands for, once
+    with Session(engine) as session, session.begin():
+        taken = MQSource(dbsession=session, model=model).take_finished_jobs(ON_FINISH["cursor_key"])
+    assert taken == sorted(ids)
+    with Session(engine) as session, session.begin():
+        assert MQSource(dbsession=session, model=model).take_finished_jobs(ON_FINISH["cursor_key"]) == []
 
 
 def test_on_finish_callbacks_collapse_on_cancel(engine, model, dbsession, mq):
@@ -670,4 +674,7 @@ def test_on_finish_callbacks_collapse_on_cancel(engine, model, dbsession, mq):
     assert mq.cancel_job(a.id) and mq.cancel_job(b.id)
     dbsession.commit()
     (callback,) = callback_jobs(engine, model)
-    assert callback.args == {"x": 1, "finished_jobs": [a.id, b.id]}
+    assert callback.args == {"x": 1, "finished_jobs": [a.id]}
+    assert mq.take_finished_jobs(ON_FINISH["cursor_key"]) == [a.id, b.id]
+    dbsession.rollback()  # taking them is part of the caller's transaction
+    assert mq.take_finished_jobs(ON_FINISH["cursor_key"]) == [a.id, b.id]

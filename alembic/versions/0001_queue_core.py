@@ -1,4 +1,4 @@
-"""queue core: mq_job, mq_cursor, mq_worker and the triggers of mq_job
+"""queue core: mq_job, mq_cursor, mq_worker, mq_finished_job and the triggers of mq_job
 
 Revision ID: mq_0001
 Revises:
@@ -157,6 +157,14 @@ def upgrade() -> None:
         schema=schema,
     )
 
+    op.create_table(
+        "mq_finished_job",
+        sa.Column("cursor_key", sa.Text(), nullable=False),
+        sa.Column("job_id", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("cursor_key", "job_id", name=op.f("mq_finished_job_pkey")),
+        schema=schema,
+    )
+
     # The function bodies must stay byte-identical to the model's DDL: the tests compare pg_get_functiondef.
     prefix = _prefix(schema)
     # one NOTIFY per distinct queue of the inserted pending jobs, delivered at commit
@@ -178,15 +186,20 @@ CREATE TRIGGER mq_job_wake_on_insert AFTER INSERT ON {prefix}mq_job
     FOR EACH STATEMENT EXECUTE FUNCTION {prefix}mq_job_wake_on_insert()
 """
     )
-    # enqueue a job's on_finish call (its id in args.finished_jobs) in the transaction that finishes it
+    # enqueue a job's on_finish call in the transaction that finishes it; record it under the callback's cursor
     op.execute(
         f"""
 CREATE FUNCTION {prefix}mq_job_call_on_finish() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- Collapses onto a pending collapsible job of the same cursor, like
-    -- MQSource.call, but records this job's id in its args.finished_jobs, so
-    -- the callback learns every job it stands for.
-    INSERT INTO {prefix}mq_job AS j (queue, method, args, state, cursor_key, trace)
+    -- a callback with a cursor collapses; the finished job is recorded in
+    -- mq_finished_job for MQSource.take_finished_jobs (an insert: finishing
+    -- jobs never wait on each other, nor on the pending callback's row)
+    IF NEW.on_finish->>'cursor_key' IS NOT NULL THEN
+        INSERT INTO {prefix}mq_finished_job (cursor_key, job_id)
+        VALUES (NEW.on_finish->>'cursor_key', NEW.id)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    INSERT INTO {prefix}mq_job (queue, method, args, state, cursor_key, trace)
     VALUES (
         NEW.on_finish->>'queue',
         NEW.on_finish->>'method',
@@ -195,10 +208,7 @@ BEGIN
         NEW.on_finish->>'cursor_key',
         jsonb_build_object('on_finish_of', NEW.id)
     )
-    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible
-    DO UPDATE SET args = CASE WHEN jsonb_typeof(j.args) = 'object' THEN jsonb_set(
-        j.args, '{{finished_jobs}}', coalesce(j.args->'finished_jobs', '[]'::jsonb) || to_jsonb(NEW.id))
-        ELSE j.args END;
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING;
     RETURN NULL;
 END
 $$
@@ -220,6 +230,7 @@ def downgrade() -> None:
     for name in ("mq_job_call_on_finish", "mq_job_wake_on_insert"):
         op.execute(f"DROP TRIGGER {name} ON {prefix}mq_job")
         op.execute(f"DROP FUNCTION {prefix}{name}()")
+    op.drop_table("mq_finished_job", schema=schema)
     op.drop_table("mq_worker", schema=schema)
     op.drop_table("mq_cursor", schema=schema)
     for name in (
