@@ -12,6 +12,7 @@ claim's attempt number, so it lands only if the job is still ours.
 from __future__ import annotations
 
 import logging
+import math
 import queue as queue_module
 import threading
 import time
@@ -36,6 +37,8 @@ log = logging.getLogger("psycopg2_mq.executor")
 FINISH_RETRY_SECONDS = 60.0
 #: most outcomes written by one statement
 MAX_BATCH = 500
+#: longest retry delay written (about 10 years); PostgreSQL intervals overflow far later
+MAX_DELAY_SECONDS = 3.2e8
 
 #: errors by which the database refuses an outcome, as opposed to connection failures
 _REFUSED = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.InternalError, psycopg2.ProgrammingError,
@@ -159,6 +162,8 @@ class ExecutorPool:
         self._outbox: queue_module.SimpleQueue[tuple[Job, Outcome] | None] = queue_module.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
+        #: jobs claimed for this pool whose outcome is not written yet
+        self._owned: set[int] = set()
         #: moving average of how long a job runs, for sizing the prefetch
         self.mean_run_seconds: float | None = None
         self.running: dict[int, Job] = {}
@@ -176,6 +181,11 @@ class ExecutorPool:
         with self._lock:
             return self._in_flight
 
+    def owned_job_ids(self) -> list[int]:
+        """Jobs handed to the pool whose outcome is not written (nor given up) yet."""
+        with self._lock:
+            return sorted(self._owned)
+
     def running_job_ids(self) -> list[int]:
         with self._lock:
             return sorted(self.running)
@@ -183,6 +193,7 @@ class ExecutorPool:
     def submit(self, row: tuple[Any, ...]) -> None:
         with self._lock:
             self._in_flight += 1
+            self._owned.add(row[0])
         self._inbox.put(row)
 
     def stop(self) -> None:
@@ -222,6 +233,8 @@ class ExecutorPool:
                 self._outbox.put((job, outcome))
             except Exception:
                 log.exception("executor failed on job %s", row[0])
+                with self._lock:
+                    self._owned.discard(row[0])
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -249,7 +262,12 @@ class ExecutorPool:
             try:
                 conn = self._write(batch, conn)
             except Exception:
+                # given up: the worker's next maintenance pass releases these
+                # jobs per their lost policy, as it no longer holds them
                 log.exception("could not record the outcomes of jobs %s", [job.id for job, _ in batch])
+            finally:
+                with self._lock:
+                    self._owned.difference_update(job.id for job, _ in batch)
         if conn is not None:
             conn.close()
 
@@ -303,7 +321,8 @@ class ExecutorPool:
             "id": job.id,
             "attempt": job.attempt,
             "error": outcome.result_json,
-            "delay": outcome.delay,
+            # a custom backoff may return anything: keep it a storable interval
+            "delay": min(max(outcome.delay, 0.0), MAX_DELAY_SECONDS) if math.isfinite(outcome.delay) else 0.0,
             "extra_attempts": outcome.extra_attempts,
         }
         for _ in range(3):

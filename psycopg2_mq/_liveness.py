@@ -70,3 +70,14 @@ def mark_lost_jobs(conn: Any, queries: Queries, lock_class: int, lost_after: flo
     if released:
         log.warning("%d job(s) lost their worker: %s", len(released), released)
     return released
+
+
+def release_orphaned_jobs(conn: Any, queries: Queries, worker_id: int, owned: list[int]) -> dict[str, str]:
+    """Release this worker's running jobs that it does not hold (``owned``), per their lost policy."""
+    with conn.cursor() as cur:
+        cur.execute(queries.release_orphaned_jobs, {"worker_id": worker_id, "owned": owned})
+        row = cur.fetchone()
+    released: dict[str, str] = row[0] if row else {}
+    if released:
+        log.warning("worker %s had lost track of %d job(s): %s", worker_id, len(released), released)
+    return released

@@ -63,9 +63,20 @@ def prune_finished_jobs(conn: Any, queries: Queries, retention: Mapping[str, flo
 
 
 def run_maintenance(
-    conn: Any, queries: Queries, lock_class: int, lost_after: float, retention: Mapping[str, float]
+    conn: Any,
+    queries: Queries,
+    lock_class: int,
+    lost_after: float,
+    retention: Mapping[str, float],
+    worker_id: int,
+    owned: list[int],
 ) -> None:
-    """One pass: lost jobs, timed-out jobs, dead workers' rows, old finished jobs."""
+    """One pass: orphaned and lost jobs, timed-out jobs, dead workers' rows, old finished jobs.
+
+    ``owned``: the ids of the jobs this worker holds (claimed and not yet
+    written back); its other running jobs are orphans.
+    """
+    _liveness.release_orphaned_jobs(conn, queries, worker_id, owned)
     _liveness.mark_lost_jobs(conn, queries, lock_class, lost_after)
     expire_timed_out_jobs(conn, queries)
     with conn.cursor() as cur:

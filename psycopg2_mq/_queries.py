@@ -307,6 +307,28 @@ victims AS (
 )"""
 )
 
+# The running jobs of a live worker that the worker does not know it has: a
+# claim that committed but whose reply never arrived (the connection broke in
+# between), or an outcome the completer gave up writing. The worker itself
+# runs this, with the ids it does hold (%(owned)s), on the connection that
+# claims, so no claim of its own is in flight meanwhile. They are released
+# like the jobs of a dead worker, per their lost policy.
+RELEASE_ORPHANED_JOBS = _release_jobs(
+    """
+WITH victims AS (
+    SELECT j.id,
+        CASE WHEN j.lost_policy = 'retry' AND j.attempts < j.max_attempts THEN 'pending'
+             WHEN j.lost_policy IN ('retry', 'fail') THEN 'failed'
+             ELSE 'lost' END AS outcome,
+        """
+    + _attempt_error("LostJob", "'its worker lost track of it (a reply from the database was lost)'")
+    + """ AS error
+    FROM {job} AS j
+    WHERE j.state = 'running' AND j.worker_id = %(worker_id)s AND NOT (j.id = ANY(%(owned)s::bigint[]))
+    FOR UPDATE OF j SKIP LOCKED
+)"""
+)
+
 # Running attempts past their deadline: retried at once while attempts are
 # left, else failed. The thread still running the job cannot be stopped; its
 # outcome is fenced off when it ends.
@@ -375,6 +397,7 @@ class Queries:
     rejoin_worker: str
     unregister_worker: str
     mark_lost_jobs: str
+    release_orphaned_jobs: str
     expire_jobs: str
     forget_dead_workers: str
     prune_jobs: str
@@ -398,6 +421,7 @@ class Queries:
             rejoin_worker=REJOIN_WORKER.format(**names),
             unregister_worker=UNREGISTER_WORKER.format(**names),
             mark_lost_jobs=MARK_LOST_JOBS.format(**names),
+            release_orphaned_jobs=RELEASE_ORPHANED_JOBS.format(**names),
             expire_jobs=EXPIRE_JOBS.format(**names),
             forget_dead_workers=FORGET_DEAD_WORKERS.format(**names),
             prune_jobs=PRUNE_JOBS.format(**names),

@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+#: the longest timeout or delay accepted (about 10 years): beyond, PostgreSQL intervals overflow
+MAX_SECONDS = 3.2e8
+
 
 class LostPolicy:
     """What happens to a job whose worker died (see ``docs/semantics.md``)."""
@@ -105,8 +108,8 @@ def check_policy_values(max_attempts: Any, lost: Any, timeout: Any) -> None:
     if timeout is not None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
             raise TypeError("timeout must be a number of seconds")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError("timeout must be a positive, finite number of seconds")
+        if not math.isfinite(timeout) or not 0 < timeout <= MAX_SECONDS:
+            raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_SECONDS:g}")
 
 
 DEFAULT_POLICY = JobPolicy()

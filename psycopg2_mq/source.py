@@ -22,7 +22,7 @@ from . import _json
 from ._notify import channel_for
 from .errors import InvalidJobStateError, JobNotFoundError
 from .model import JobStates, Model
-from .policy import Backoff, check_policy_values
+from .policy import MAX_SECONDS, Backoff, check_policy_values
 
 #: the arbiter of collapsing: the partial unique index uq_mq_job_pending_cursor
 _PENDING_COLLAPSIBLE = sa.text("state = 'pending' AND collapsible")
@@ -415,7 +415,11 @@ def _check_name(value: Any, what: str) -> str:
 
 
 def _check_when(when: Any) -> datetime | timedelta | None:
-    if when is None or isinstance(when, timedelta):
+    if isinstance(when, timedelta):
+        if abs(when.total_seconds()) > MAX_SECONDS:
+            raise ValueError(f"when is too far away: at most {MAX_SECONDS:g} seconds from now")
+        return when
+    if when is None:
         return when
     if isinstance(when, datetime):
         return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)

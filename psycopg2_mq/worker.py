@@ -217,8 +217,15 @@ class MQWorker:
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_maintenance:
+                assert self.worker_id is not None
                 _maintenance.run_maintenance(
-                    self._conn, self._queries, self.model.lock_class, self.lost_after, self.retention
+                    self._conn,
+                    self._queries,
+                    self.model.lock_class,
+                    self.lost_after,
+                    self.retention,
+                    self.worker_id,
+                    self._pool.owned_job_ids(),
                 )
                 self._last_maintenance = now
                 next_maintenance = now + self.maintenance_interval
