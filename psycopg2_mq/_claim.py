@@ -18,6 +18,26 @@ CLAIM_RETRIES = 5
 CURSOR_KEY, CURSOR = 4, 8
 
 
+#: the claim's parameters, in the order of PREPARE_CLAIM's $n
+_CLAIM_PARAMS = ("queues", "limit", "worker_id", "policies", "lock_class")
+_CLAIM_TYPES = ("text[]", "integer", "integer", "text", "integer")
+
+
+def prepare(conn: Any, queries: Queries) -> None:
+    """Prepare the claim on the dispatcher's own connection.
+
+    The claim is a large statement: parsing it on every wake-up costs more than
+    running it. Prepared once per connection, a claim is one short EXECUTE.
+    """
+    sql = queries.claim_jobs
+    for n, name in enumerate(_CLAIM_PARAMS, start=1):
+        sql = sql.replace(f"%({name})s", f"${n}")
+    # plan_cache_mode stays at its default: forcing the generic plan cut
+    # pickup latency further but, measured, drained several times slower
+    with conn.cursor() as cur:
+        cur.execute(f"PREPARE mq_claim_jobs ({', '.join(_CLAIM_TYPES)}) AS {sql}".replace("%%", "%"))
+
+
 def claim_jobs(
     conn: Any,
     queries: Queries,
@@ -27,6 +47,7 @@ def claim_jobs(
     queues: Sequence[str],
     limit: int,
     policies: str = "{}",
+    prepared: bool = False,
 ) -> list[tuple[Any, ...]]:
     """Claim up to ``limit`` due jobs of ``queues`` for ``worker_id``; one statement.
 
@@ -35,6 +56,7 @@ def claim_jobs(
     queues' defaults written onto jobs that set none. Returns the claimed rows
     (see ``_executor.job_from_row``) with their cursors' data, read by a second
     statement when any has a cursor (see ``_queries.READ_CURSORS`` for why).
+    With ``prepared``, runs the statement ``prepare`` made on ``conn``.
     """
     params = {
         "queues": list(queues),
@@ -47,7 +69,11 @@ def claim_jobs(
     for _ in range(CLAIM_RETRIES):
         try:
             with conn.cursor() as cur:
-                cur.execute(queries.claim_jobs, params)
+                if prepared:
+                    placeholders = ", ".join(f"%({name})s" for name in _CLAIM_PARAMS)
+                    cur.execute(f"EXECUTE mq_claim_jobs ({placeholders})", params)
+                else:
+                    cur.execute(queries.claim_jobs, params)
                 rows = cur.fetchall()
             break
         except (psycopg2.errors.UniqueViolation, psycopg2.errors.DeadlockDetected):

@@ -13,8 +13,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
@@ -23,9 +21,6 @@ from ._notify import channel_for
 from .errors import InvalidJobStateError, JobNotFoundError
 from .model import JobStates, Model
 from .policy import MAX_SECONDS, Backoff, check_policy_values
-
-#: the arbiter of collapsing: the partial unique index uq_mq_job_pending_cursor
-_PENDING_COLLAPSIBLE = sa.text("state = 'pending' AND collapsible")
 
 
 @dataclass
@@ -109,19 +104,14 @@ class MQSource:
             lost_policy=lost_policy,
             timeout=timeout,
         )
-        values = _validated_values(request)
+        params = _insert_params(request)
         if conflict_resolver is not None and (cursor_key is None or not collapse_on_cursor):
             raise ValueError("conflict_resolver needs a cursor_key and collapse_on_cursor=True")
-        Job = self.model.Job
-        stmt = pg_insert(Job).values(**values)
-        collapsing = cursor_key is not None and collapse_on_cursor
-        if collapsing:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["cursor_key"], index_where=_PENDING_COLLAPSIBLE)
-        stmt = stmt.returning(Job)
+        stmt = _insert_statement(self.model, collapsing=cursor_key is not None and collapse_on_cursor)
         # A collapse target can be claimed between our INSERT and SELECT; then
         # the cursor has no pending job any more and inserting again succeeds.
         for _ in range(10):
-            job = self.dbsession.scalars(stmt).one_or_none()
+            job = self.dbsession.scalars(stmt, params).one_or_none()
             if job is not None:
                 return job
             existing = self._pending_on_cursor(cursor_key, lock=conflict_resolver is not None)
@@ -475,29 +465,57 @@ def _check(request: CallRequest) -> tuple[str, str, str | None, datetime | timed
     return args, trace, None if on_finish is None else _json.dumps(on_finish, "on_finish"), when
 
 
-def _validated_values(request: CallRequest) -> dict[str, Any]:
+def _insert_params(request: CallRequest) -> dict[str, Any]:
+    """Validated parameters of ``_insert_statement`` (JSON as text, None as SQL NULL)."""
     args, trace, on_finish, when = _check(request)
     policy = _policy_values(request)
-    values: dict[str, Any] = {
+    return {
         "queue": request.queue,
         "method": request.method,
-        "args": sa.cast(sa.literal(args, sa.Text), JSONB),
-        "state": JobStates.PENDING,
+        "args": args,
         "cursor_key": request.cursor_key,
         "collapsible": request.collapse_on_cursor,
-        # sa.null(): a Python None would be stored as the JSON value null
-        "trace": sa.cast(sa.literal(trace, sa.Text), JSONB) if request.trace is not None else sa.null(),
-        "on_finish": sa.cast(sa.literal(on_finish, sa.Text), JSONB) if on_finish is not None else sa.null(),
+        "trace": trace if request.trace is not None else None,
+        "on_finish": on_finish,
         "max_attempts": policy["max_attempts"],
-        "backoff": sa.null() if policy["backoff"] is None else policy["backoff"],
+        "backoff": None if policy["backoff"] is None else json.dumps(policy["backoff"]),
         "lost_policy": policy["lost_policy"],
         "timeout": policy["timeout"],
+        "at": when if isinstance(when, datetime) else None,
+        "delay": when.total_seconds() if isinstance(when, timedelta) else None,
     }
-    if isinstance(when, timedelta):
-        values["scheduled_time"] = sa.func.now() + when
-    elif when is not None:
-        values["scheduled_time"] = when
-    return values
+
+
+_insert_statements: dict[tuple[int, bool], Any] = {}
+
+
+def _insert_statement(model: Model, collapsing: bool) -> Any:
+    """The one-round-trip INSERT .. RETURNING of ``call``, loading a ``model.Job``.
+
+    Built once per model: a fixed textual statement keeps SQLAlchemy's work per
+    call to binding parameters (building a Core insert per call cost more than
+    the round trip). ``scheduled_time`` is on the database clock.
+    """
+    key = (id(model), collapsing)
+    stmt = _insert_statements.get(key)
+    if stmt is None:
+        conflict = (
+            "ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING" if collapsing else ""
+        )
+        sql = sa.text(
+            f"""
+            INSERT INTO {_table(model)} (queue, method, args, state, cursor_key, collapsible, trace, on_finish,
+                                         max_attempts, backoff, lost_policy, timeout, scheduled_time)
+            VALUES (:queue, :method, CAST(:args AS jsonb), 'pending', :cursor_key, :collapsible,
+                    CAST(:trace AS jsonb), CAST(:on_finish AS jsonb), :max_attempts, CAST(:backoff AS jsonb),
+                    :lost_policy, :timeout,
+                    coalesce(CAST(:at AS timestamptz), now() + make_interval(secs => CAST(:delay AS float8)), now()))
+            {conflict}
+            RETURNING *
+            """
+        )
+        stmt = _insert_statements[key] = sa.select(model.Job).from_statement(sql)
+    return stmt
 
 
 def _bulk_item(request: CallRequest) -> str:

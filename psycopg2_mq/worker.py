@@ -38,6 +38,8 @@ log = logging.getLogger("psycopg2_mq.worker")
 MAX_RECONNECT_DELAY = 5.0
 #: prefetch enough jobs to keep each thread busy this long (seconds)
 PREFETCH_SECONDS = 0.05
+#: most jobs prefetched, whatever their speed (the completer writes up to 500 at once)
+DEFAULT_PREFETCH = 500
 
 
 class MQWorker:
@@ -108,7 +110,7 @@ class MQWorker:
         self.model = model
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.threads = threads
-        self.prefetch = 64 if prefetch is None else prefetch
+        self.prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
         self.capture_signals = capture_signals
         self.maintenance_interval = maintenance_interval
         self.poll_interval = poll_interval
@@ -140,7 +142,7 @@ class MQWorker:
             connect=self._connect,
             queries=self._queries,
             handlers=self.queues,
-            on_idle=self._waker.wake,
+            on_idle=self._on_job_done,
             name=self.name,
         )
         try:
@@ -253,6 +255,12 @@ class MQWorker:
                         timeout = min(timeout, due_in)
             _notify.wait(self._conn, self._waker, max(timeout, 0.0))
 
+    def _on_job_done(self) -> None:
+        """Wake the dispatcher when it has something to do: refill at the low-water mark."""
+        pool = self._pool
+        if pool is not None and pool.in_flight <= self.threads + self._prefetch_now() // 2:
+            self._waker.wake()
+
     def _prefetch_now(self) -> int:
         """How many jobs to hold beyond the threads, from how long jobs take."""
         assert self._pool is not None
@@ -271,6 +279,7 @@ class MQWorker:
             queues=self._queue_names,
             limit=limit,
             policies=self._policies,
+            prepared=True,
         )
 
     def _seconds_until_next_job(self) -> float | None:
@@ -293,6 +302,7 @@ class MQWorker:
                 conn, self._queries, self.model.lock_class, self.name, self._queue_names, self.worker_id
             )
             _notify.listen(conn, self._queue_names)
+            _claim.prepare(conn, self._queries)
         except BaseException:
             conn.close()
             raise
