@@ -259,9 +259,11 @@ class QueueMachine(RuleBasedStateMachine):
         return attempt, result, new_cursor
 
     def _waiting_queues(self, job_ids: list[int]) -> set[str]:
-        """Queues of the pending jobs on the cursors these jobs free."""
+        """Queues woken when these jobs finish: of the pending jobs on the cursors they free,
+        and their own (a job inserted on the cursor meanwhile is not in the finish's snapshot)."""
         keys = {self.jobs[i].cursor_key for i in job_ids} - {None}
-        return {j.queue for j in self.jobs.values() if j.cursor_key in keys and j.state == JobStates.PENDING}
+        own = {self.jobs[i].queue for i in job_ids if self.jobs[i].cursor_key is not None}
+        return own | {j.queue for j in self.jobs.values() if j.cursor_key in keys and j.state == JobStates.PENDING}
 
     def _finished(self, job_id: int, state: str, new_cursor: dict[str, Any] | None) -> None:
         del self.running[job_id]
