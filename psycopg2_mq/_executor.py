@@ -126,8 +126,10 @@ def run_job(job: Job, handler: Any, max_attempts: int = 1, backoff: dict[str, An
 
 def job_from_row(row: tuple[Any, ...]) -> tuple[Job, int, dict[str, Any] | None]:
     """A claimed row (``CLAIM_JOBS``' RETURNING) -> (Job, max_attempts, backoff)."""
-    job_id, queue, method, args, cursor_key, trace, attempt, scheduled_time, cursor, max_attempts, backoff = row
+    (job_id, queue, method, args, cursor_key, trace, attempt, scheduled_time, cursor, max_attempts, backoff,
+     timeout) = row
     job = Job(
+        timeout=timeout,
         id=job_id,
         queue=queue,
         method=method,

@@ -27,6 +27,7 @@ class Job:
         trace: Any,
         attempt: int,
         scheduled_time: datetime | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.id = id
         self.queue = queue
@@ -37,6 +38,8 @@ class Job:
         self.trace = trace
         self.attempt = attempt
         self.scheduled_time = scheduled_time
+        #: seconds this attempt may run (the call's or the queue's policy), or None
+        self.timeout = timeout
 
     def extend(self, **kw: Any) -> None:
         """Attach extra attributes, e.g. a queue's services for its methods."""

@@ -197,10 +197,11 @@ class MQWorker:
                     outage_since = None
                 delay = 0.1
                 self._dispatch()
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            except psycopg2.Error as exc:
                 if self._conn is not None and not self._conn.closed:
                     # a statement failed but the connection, and so our lock, is
-                    # fine: keep both rather than let our jobs look abandoned
+                    # fine: keep both rather than let our jobs look abandoned,
+                    # and never let bad data end the worker
                     log.error("worker %s: dispatcher statement failed: %s", self.name, exc)
                     self._sleep(delay)
                     delay = min(delay * 2, MAX_RECONNECT_DELAY)

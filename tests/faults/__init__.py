@@ -1,0 +1,1 @@
+"""Fault-injection tests: workers in real processes, killed, paused, cut off from the database."""
