@@ -469,7 +469,7 @@ examples:
   python -m psycopg2_mq demo
       see the queue at work on a throwaway embedded PostgreSQL
   python -m psycopg2_mq init-db --database-url postgresql+psycopg2://me:secret@localhost/app
-      create the tables mq_job, mq_cursor, mq_worker
+      create the tables mq_job, mq_cursor, mq_worker, mq_finished_job
   python -m psycopg2_mq worker --database-url ... --queue echo=myapp.queues:EchoQueue --threads 4
       run the jobs of queue 'echo' until SIGTERM or Ctrl-C
 
@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         "init-db",
         help="create the queue tables in a database",
         description=(
-            "Create the tables mq_job, mq_cursor and mq_worker with their indexes and triggers "
+            "Create the tables mq_job, mq_cursor, mq_worker and mq_finished_job with their indexes and triggers "
             "(SQLAlchemy metadata.create_all); existing tables are left alone. To manage the schema "
             "with migrations instead, use the alembic history in this repository (docs/migrations.md)."
         ),

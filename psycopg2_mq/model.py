@@ -90,8 +90,8 @@ def _qualified(metadata: sa.MetaData, name: str) -> str:
 def make_default_model(metadata: sa.MetaData) -> Model:
     """Declare the queue's tables on ``metadata`` and return the :class:`Model`.
 
-    Call it once per ``MetaData``; the tables are ``mq_job``, ``mq_cursor``
-    and ``mq_worker`` (in ``metadata.schema`` if it has one).
+    Call it once per ``MetaData``; the tables are ``mq_job``, ``mq_cursor``,
+    ``mq_worker`` and ``mq_finished_job`` (in ``metadata.schema`` if it has one).
     """
     reg = registry(metadata=metadata)
 

@@ -85,8 +85,9 @@ class MQSource:
         request)`` may then update the pending job (it is locked meanwhile).
         ``on_finish``: a call ``{queue, method, args, cursor_key}`` queued in the
         transaction that makes this job completed, failed or canceled; its
-        ``args['finished_jobs']`` lists the ids of the jobs it was called for
-        (several, when it collapsed on its cursor while pending).
+        ``args['finished_jobs']`` holds the id of the job that queued it. With a
+        cursor_key such calls collapse, and every finished job is recorded for
+        :meth:`take_finished_jobs`.
         ``max_attempts``, ``backoff``, ``lost_policy`` and ``timeout`` (seconds)
         override the queue's ``policy`` for this job (see ``policy.py``).
         """
@@ -330,7 +331,8 @@ class MQSource:
             collapse_on_cursor=collapsible if job.cursor_key else True,
             trace=trace,
             on_finish=on_finish,
-            max_attempts=job.max_attempts,
+            # RetryJob snoozes raised max_attempts; the retry starts afresh
+            max_attempts=None if job.max_attempts is None else job.max_attempts - _snoozes(job.errors),
             backoff=None if job.backoff is None else Backoff.from_json(job.backoff),
             lost_policy=job.lost_policy,
             timeout=job.timeout,
@@ -561,6 +563,11 @@ def _call_kwargs(item: dict[str, Any]) -> dict[str, Any]:
         "lost_policy": item.get("lost_policy"),
         "timeout": item.get("timeout"),
     }
+
+
+def _snoozes(errors: Any) -> int:
+    """How many attempts ended in RetryJob (each raised max_attempts by one)."""
+    return sum(1 for e in errors or [] if isinstance(e, dict) and e.get("type") == "RetryJob")
 
 
 def _lost_error(action: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql.elements import conv
 
 from .rules import RunStates, StepStates
 
@@ -59,7 +60,7 @@ def make_workflow_model(metadata: sa.MetaData) -> WorkflowModel:
     run = sa.Table(
         "wf_run",
         metadata,
-        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("id", sa.BigInteger, sa.Identity()),
         sa.Column("workflow", sa.Text, nullable=False),
         #: idempotency key: a second start with the same (workflow, key) returns this run
         sa.Column("key", sa.Text, nullable=True),
@@ -75,16 +76,25 @@ def make_workflow_model(metadata: sa.MetaData) -> WorkflowModel:
         sa.Column("unfinished", sa.Integer, nullable=False),
         sa.Column("created_time", tstz, nullable=False, server_default=sa.func.now()),
         sa.Column("finished_time", tstz, nullable=True),
-        sa.CheckConstraint(f"state IN ({_sql_list(RunStates.ALL)})", name="ck_wf_run_state"),
-        sa.Index("uq_wf_run_key", "workflow", "key", unique=True, postgresql_where=sa.text("key IS NOT NULL")),
-        sa.Index("ix_wf_run_workflow", "workflow", "id"),
+        # names fixed (conv): an application's naming convention must not rename them
+        sa.PrimaryKeyConstraint("id", name=conv("wf_run_pkey")),
+        sa.CheckConstraint(f"state IN ({_sql_list(RunStates.ALL)})", name=conv("ck_wf_run_state")),
+        sa.Index(
+            conv("uq_wf_run_key"), "workflow", "key", unique=True, postgresql_where=sa.text("key IS NOT NULL")
+        ),
+        sa.Index(conv("ix_wf_run_workflow"), "workflow", "id"),
     )
     step = sa.Table(
         "wf_step",
         metadata,
-        sa.Column("run_id", sa.BigInteger, sa.ForeignKey(run.c.id, ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "run_id",
+            sa.BigInteger,
+            sa.ForeignKey(run.c.id, ondelete="CASCADE", name=conv("wf_step_run_id_fkey")),
+            nullable=False,
+        ),
         #: the step's name; the items of a mapped step are "name[0]", "name[1]", ...
-        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("name", sa.Text, nullable=False),
         #: for a map item: the mapped step it belongs to
         sa.Column("parent", sa.Text, nullable=True),
         sa.Column("item_index", sa.Integer, nullable=True),
@@ -104,8 +114,11 @@ def make_workflow_model(metadata: sa.MetaData) -> WorkflowModel:
         sa.Column("result", JSONB, nullable=True),
         sa.Column("queued_time", tstz, nullable=True),
         sa.Column("finished_time", tstz, nullable=True),
-        sa.CheckConstraint(f"state IN ({_sql_list(StepStates.STORED)})", name="ck_wf_step_state"),
-        sa.Index("uq_wf_step_job", "job_id", unique=True, postgresql_where=sa.text("job_id IS NOT NULL")),
-        sa.Index("ix_wf_step_parent", "run_id", "parent", postgresql_where=sa.text("parent IS NOT NULL")),
+        sa.PrimaryKeyConstraint("run_id", "name", name=conv("wf_step_pkey")),
+        sa.CheckConstraint(f"state IN ({_sql_list(StepStates.STORED)})", name=conv("ck_wf_step_state")),
+        sa.Index(conv("uq_wf_step_job"), "job_id", unique=True, postgresql_where=sa.text("job_id IS NOT NULL")),
+        sa.Index(
+            conv("ix_wf_step_parent"), "run_id", "parent", postgresql_where=sa.text("parent IS NOT NULL")
+        ),
     )
     return WorkflowModel(metadata=metadata, run_table=run, step_table=step)
