@@ -70,9 +70,13 @@ SET state = 'running', start_time = now(), end_time = NULL,
     worker_id = %(worker_id)s, attempts = j.attempts + 1,
     max_attempts = coalesce(j.max_attempts, (%(policies)s::jsonb -> j.queue ->> 'max_attempts')::int, 1),
     lost_policy = coalesce(j.lost_policy, %(policies)s::jsonb -> j.queue ->> 'lost', 'hold'),
-    -- LEAST: a row written past MQSource's checks must not make every claim fail
-    deadline = now() + make_interval(secs => LEAST(
-        coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8), 3.2e8))
+    -- LEAST: a row written past MQSource's checks must not make every claim
+    -- fail (and LEAST skips NULLs, hence the CASE for "no timeout")
+    deadline = CASE
+        WHEN coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8) IS NULL THEN NULL
+        ELSE now() + make_interval(secs => LEAST(
+            coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8), 3.2e8))
+    END
 FROM chosen
 WHERE j.id = chosen.id
 RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,

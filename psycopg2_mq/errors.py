@@ -39,3 +39,7 @@ class RetryJob(Exception):
             raise ValueError("delay must not be negative")
         self.delay = float(delay)
         self.reason = reason
+
+
+class JobTimeoutError(Exception):
+    """A job ran past its timeout and was stopped (see ``RunInChildProcess``)."""
