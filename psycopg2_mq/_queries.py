@@ -267,6 +267,12 @@ FROM released AS r
     )
 
 
+#: what a running job whose attempt is abandoned becomes, per its lost policy
+_LOST_POLICY_OUTCOME = """CASE WHEN j.lost_policy = 'retry' AND j.attempts < j.max_attempts THEN 'pending'
+             WHEN j.lost_policy IN ('retry', 'fail') THEN 'failed'
+             ELSE 'lost' END AS outcome"""
+
+
 def _attempt_error(kind: str, message: str) -> str:
     return f"""jsonb_build_object('type', '{kind}', 'message', {message}, 'attempt', j.attempts,
                'start_time', j.start_time, 'end_time', now())"""
@@ -297,9 +303,9 @@ missing AS (
 ),
 victims AS (
     SELECT j.id,
-        CASE WHEN j.lost_policy = 'retry' AND j.attempts < j.max_attempts THEN 'pending'
-             WHEN j.lost_policy IN ('retry', 'fail') THEN 'failed'
-             ELSE 'lost' END AS outcome,
+        """
+    + _LOST_POLICY_OUTCOME
+    + """,
         """
     + _attempt_error("LostJob", "'the worker running this job died'")
     + """ AS error
@@ -323,9 +329,9 @@ RELEASE_ORPHANED_JOBS = _release_jobs(
     """
 WITH victims AS (
     SELECT j.id,
-        CASE WHEN j.lost_policy = 'retry' AND j.attempts < j.max_attempts THEN 'pending'
-             WHEN j.lost_policy IN ('retry', 'fail') THEN 'failed'
-             ELSE 'lost' END AS outcome,
+        """
+    + _LOST_POLICY_OUTCOME
+    + """,
         """
     + _attempt_error("LostJob", "'its worker lost track of it (a reply from the database was lost)'")
     + """ AS error

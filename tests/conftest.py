@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,6 +24,8 @@ from sqlalchemy.orm import Session
 
 from psycopg2_mq import make_default_model
 from workflows import make_workflow_model
+
+from .support import wait_until
 
 settings.register_profile(
     "ci",
@@ -129,3 +133,39 @@ def engine(_session_engine: sa.Engine, metadata: sa.MetaData) -> sa.Engine:
 def dbsession(engine: sa.Engine) -> Iterator[Session]:
     with Session(engine) as session:
         yield session
+
+
+@pytest.fixture
+def wait_idle(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``wait_idle(n=1)`` blocks until ``n`` workers' dispatchers sleep in a long wait.
+
+    A test that commits only then shows the wake-up of an idle worker by NOTIFY,
+    rather than a claim that happened to follow a statement already running.
+    """
+    from psycopg2_mq import _notify
+
+    real_wait = _notify.wait
+    lock = threading.Lock()
+    sleeping: set[int] = set()
+
+    def tracked_wait(conn: Any, waker: Any, timeout: float | None) -> bool:
+        long_wait = timeout is None or timeout > 1
+        if long_wait:
+            with lock:
+                sleeping.add(threading.get_ident())
+        try:
+            return real_wait(conn, waker, timeout)
+        finally:
+            with lock:
+                sleeping.discard(threading.get_ident())
+
+    monkeypatch.setattr(_notify, "wait", tracked_wait)
+
+    def wait_for(n: int = 1) -> None:
+        def enough() -> bool:
+            with lock:
+                return len(sleeping) >= n
+
+        wait_until(enough)
+
+    return wait_for

@@ -7,8 +7,7 @@ matters), not only what the API returns.
 from __future__ import annotations
 
 import select
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -69,43 +68,6 @@ def set_state(engine: sa.Engine, model: Any, job_id: int, state: str, **values: 
     """Force a job into ``state`` with plain SQL (what a worker or a crash would do)."""
     with engine.begin() as conn:
         conn.execute(sa.update(model.Job).where(model.Job.id == job_id).values(state=state, **values))
-
-
-@pytest.fixture
-def wait_idle(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    """``wait_idle(n=1)`` blocks until ``n`` workers' dispatchers sleep in a long wait.
-
-    A test that commits only then stays clear of the lost wake-up race (see the
-    xfail ``test_notify_read_during_a_statement_still_wakes_the_worker``), so that
-    it shows what it is about rather than that bug.
-    """
-    from psycopg2_mq import _notify
-
-    real_wait = _notify.wait
-    lock = threading.Lock()
-    sleeping: set[int] = set()
-
-    def tracked_wait(conn: Any, waker: Any, timeout: float | None) -> bool:
-        long_wait = timeout is None or timeout > 1
-        if long_wait:
-            with lock:
-                sleeping.add(threading.get_ident())
-        try:
-            return real_wait(conn, waker, timeout)
-        finally:
-            with lock:
-                sleeping.discard(threading.get_ident())
-
-    monkeypatch.setattr(_notify, "wait", tracked_wait)
-
-    def wait_for(n: int = 1) -> None:
-        def enough() -> bool:
-            with lock:
-                return len(sleeping) >= n
-
-        wait_until(enough)
-
-    return wait_for
 
 
 @pytest.fixture

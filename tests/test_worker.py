@@ -123,43 +123,6 @@ def enqueue_together(
         return [mq.call(*call, **options).id for call, options in calls]
 
 
-@pytest.fixture
-def wait_idle(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    """``wait_idle(n=1)`` blocks until ``n`` workers' dispatchers sleep in a long wait.
-
-    A test that commits only then stays clear of the lost wake-up race (see the
-    xfail ``test_notify_read_during_a_statement_still_wakes_the_worker``), so that
-    it shows what it is about rather than that bug.
-    """
-    from psycopg2_mq import _notify
-
-    real_wait = _notify.wait
-    lock = threading.Lock()
-    sleeping: set[int] = set()
-
-    def tracked_wait(conn: Any, waker: Any, timeout: float | None) -> bool:
-        long_wait = timeout is None or timeout > 1
-        if long_wait:
-            with lock:
-                sleeping.add(threading.get_ident())
-        try:
-            return real_wait(conn, waker, timeout)
-        finally:
-            with lock:
-                sleeping.discard(threading.get_ident())
-
-    monkeypatch.setattr(_notify, "wait", tracked_wait)
-
-    def wait_for(n: int = 1) -> None:
-        def enough() -> bool:
-            with lock:
-                return len(sleeping) >= n
-
-        wait_until(enough)
-
-    return wait_for
-
-
 def sql(engine: sa.Engine, statement: str, **params: Any) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text(statement), params)

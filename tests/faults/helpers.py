@@ -19,6 +19,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .. import support
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXEC_LOG = "faults_exec_log"
 #: generous bound for what must happen "within seconds"; never a speed claim
@@ -26,15 +28,8 @@ PATIENCE = 60.0
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = PATIENCE, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)
+    """``tests.support.wait_until`` with this suite's longer patience (processes, restarts)."""
+    return support.wait_until(predicate, timeout, interval)
 
 
 def poll_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
