@@ -6,7 +6,9 @@ the NOTIFY that wakes workers for it, become visible when the caller commits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -18,6 +20,7 @@ from sqlalchemy.orm.attributes import flag_modified
 
 from . import _json
 from ._notify import channel_for
+from ._queries import _table_sql
 from .errors import InvalidJobStateError, JobNotFoundError
 from .model import JobStates, Model
 from .policy import MAX_SECONDS, Backoff, check_policy_values
@@ -137,7 +140,7 @@ class MQSource:
         the id of the pending job it collapsed onto. All calls are validated
         before anything is written.
         """
-        items = []
+        requests, items = [], []
         for entry in calls:
             if isinstance(entry, dict):
                 if "conflict_resolver" in entry:
@@ -146,6 +149,7 @@ class MQSource:
             else:
                 request = CallRequest(*entry)
             items.append(_bulk_item(request))
+            requests.append(request)
         if not items:
             return []
         rows = self._connection().exec_driver_sql(
@@ -155,7 +159,9 @@ class MQSource:
         for ordinal, job_id in rows:
             if job_id is None:
                 # the job it collapsed onto was claimed meanwhile: queue it on its own
-                job = self.call(**_call_kwargs(json.loads(items[ordinal - 1])))
+                request = requests[ordinal - 1]
+                # shallow: asdict() would turn a Backoff into a dict
+                job = self.call(**{f.name: getattr(request, f.name) for f in dataclasses.fields(request)})
                 job_id = job.id
             ids.append(job_id)
         return ids
@@ -211,7 +217,7 @@ class MQSource:
             if isinstance(running_longer_than, timedelta)
             else running_longer_than
         )
-        job = _table(self.model)
+        job = _table_sql(self.model.job_table)
         rows = self._connection().exec_driver_sql(
             f"""
             SELECT h.cursor_key, h.id, h.state, h.worker_id, h.start_time,
@@ -239,7 +245,7 @@ class MQSource:
         job = self._require(job_id)
         if job.state != JobStates.PENDING:
             return {"job_id": job.id, "state": job.state, "reasons": [f"the job is {job.state}, not pending"]}
-        table, workers = _table(self.model), _table_name(self.model.worker_table)
+        table, workers = _table_sql(self.model.job_table), _table_sql(self.model.worker_table)
         row = self._connection().exec_driver_sql(
             f"""
             SELECT EXTRACT(EPOCH FROM j.scheduled_time - now())::float8,
@@ -276,7 +282,7 @@ class MQSource:
         crash before its commit leaves them for the next callback.
         """
         _check_name(cursor_key, "cursor_key")
-        table = _table_name(self.model.finished_job_table)
+        table = _table_sql(self.model.finished_job_table)
         rows = self._connection().exec_driver_sql(
             f"DELETE FROM {table} WHERE cursor_key = %(key)s RETURNING job_id", {"key": cursor_key}
         ).all()
@@ -488,7 +494,8 @@ def _insert_params(request: CallRequest) -> dict[str, Any]:
     }
 
 
-_insert_statements: dict[tuple[int, bool], Any] = {}
+#: per mapped Job class (weakly: a model that goes away takes its statements along)
+_insert_statements: weakref.WeakKeyDictionary[type, dict[bool, Any]] = weakref.WeakKeyDictionary()
 
 
 def _insert_statement(model: Model, collapsing: bool) -> Any:
@@ -498,15 +505,15 @@ def _insert_statement(model: Model, collapsing: bool) -> Any:
     call to binding parameters (building a Core insert per call cost more than
     the round trip). ``scheduled_time`` is on the database clock.
     """
-    key = (id(model), collapsing)
-    stmt = _insert_statements.get(key)
+    statements = _insert_statements.setdefault(model.Job, {})
+    stmt = statements.get(collapsing)
     if stmt is None:
         conflict = (
             "ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING" if collapsing else ""
         )
         sql = sa.text(
             f"""
-            INSERT INTO {_table(model)} (queue, method, args, state, cursor_key, collapsible, trace, on_finish,
+            INSERT INTO {_table_sql(model.job_table)} (queue, method, args, state, cursor_key, collapsible, trace, on_finish,
                                          max_attempts, backoff, lost_policy, timeout, scheduled_time)
             VALUES (:queue, :method, CAST(:args AS jsonb), 'pending', :cursor_key, :collapsible,
                     CAST(:trace AS jsonb), CAST(:on_finish AS jsonb), :max_attempts, CAST(:backoff AS jsonb),
@@ -516,7 +523,7 @@ def _insert_statement(model: Model, collapsing: bool) -> Any:
             RETURNING *
             """
         )
-        stmt = _insert_statements[key] = sa.select(model.Job).from_statement(sql)
+        stmt = statements[collapsing] = sa.select(model.Job).from_statement(sql)
     return stmt
 
 
@@ -543,28 +550,6 @@ def _bulk_item(request: CallRequest) -> str:
     return head + tail + "}"
 
 
-def _call_kwargs(item: dict[str, Any]) -> dict[str, Any]:
-    when: Any = None
-    if "delay" in item:
-        when = timedelta(seconds=item["delay"])
-    elif "at" in item:
-        when = datetime.fromisoformat(item["at"])
-    return {
-        "queue": item["queue"],
-        "method": item["method"],
-        "args": item["args"],
-        "when": when,
-        "cursor_key": item["cursor_key"],
-        "collapse_on_cursor": item["collapsible"],
-        "trace": item.get("trace"),
-        "on_finish": item.get("on_finish"),
-        "max_attempts": item.get("max_attempts"),
-        "backoff": None if item.get("backoff") is None else Backoff.from_json(item["backoff"]),
-        "lost_policy": item.get("lost_policy"),
-        "timeout": item.get("timeout"),
-    }
-
-
 def _snoozes(errors: Any) -> int:
     """How many attempts ended in RetryJob (each raised max_attempts by one)."""
     return sum(1 for e in errors or [] if isinstance(e, dict) and e.get("type") == "RetryJob")
@@ -574,16 +559,8 @@ def _lost_error(action: str) -> dict[str, Any]:
     return {"error": {"type": "LostJob", "message": f"the worker running this job died; {action}"}}
 
 
-def _table_name(table: sa.Table) -> str:
-    return f'"{table.schema}"."{table.name}"' if table.schema else table.name
-
-
-def _table(model: Model) -> str:
-    return _table_name(model.job_table)
-
-
 def _bulk_insert_sql(model: Model) -> str:
-    job = _table(model)
+    job = _table_sql(model.job_table)
     # Ids are drawn up front (nextval per item) so that every item can be told
     # whether it was inserted or collapsed, and onto which job: a later item on
     # the same cursor collapses onto an earlier one of the batch, or onto the
