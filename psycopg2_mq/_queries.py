@@ -38,8 +38,23 @@ from .model import Model, channel_sql
 #   else the defaults) is written onto the row, so that any worker can later
 #   apply it to this attempt without knowing the queue.
 #
+# * Durability: a claim of jobs without a cursor commits with
+#   ``synchronous_commit = off`` (``set_config`` in ``durability``): it skips
+#   a WAL flush, the largest part of pickup latency. Only a crash of
+#   PostgreSQL itself (not a restart, which flushes the WAL) within about
+#   ``wal_writer_delay`` can undo such a claim: the job is then pending again
+#   and runs again, which at-least-once delivery allows, and the first run's
+#   outcome is fenced like any other. The next durable commit on the server
+#   (the job's own completion, at the latest) makes the claim durable too. A
+#   claim holding a cursor's job keeps the server's setting, so a cursor's
+#   jobs never run side by side, crash or not.
+#
 # Speed: the LATERAL per queue walks the partial index ``ix_mq_job_claim``
 # (pending rows only) in (scheduled_time, id) order and stops after %(limit)s.
+# The worker runs it as a prepared statement with a generic plan (planning
+# it each time cost more than running it); ``id = ANY(ARRAY(...))`` keeps
+# that plan on the primary key: a join to ``chosen`` got a generic plan that
+# hashed the whole table.
 CLAIM_JOBS = """
 WITH candidates AS (
     SELECT c.id, c.cursor_key, c.scheduled_time
@@ -64,23 +79,31 @@ WITH candidates AS (
 ),
 chosen AS (
     SELECT id FROM candidates ORDER BY scheduled_time, id LIMIT %(limit)s
+),
+claimed AS (
+    UPDATE {job} AS j
+    SET state = 'running', start_time = now(), end_time = NULL,
+        worker_id = %(worker_id)s, attempts = j.attempts + 1,
+        max_attempts = coalesce(j.max_attempts, (%(policies)s::jsonb -> j.queue ->> 'max_attempts')::int, 1),
+        lost_policy = coalesce(j.lost_policy, %(policies)s::jsonb -> j.queue ->> 'lost', 'hold'),
+        -- LEAST: a row written past MQSource's checks must not make every claim
+        -- fail (and LEAST skips NULLs, hence the CASE for "no timeout")
+        deadline = CASE
+            WHEN coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8) IS NULL THEN NULL
+            ELSE now() + make_interval(secs => LEAST(
+                coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8), 3.2e8))
+        END
+    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
+    RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
+        NULL::jsonb AS cursor, j.max_attempts, j.backoff,
+        EXTRACT(EPOCH FROM j.deadline - j.start_time)::float8 AS timeout
+),
+durability AS (
+    SELECT set_config('synchronous_commit', CASE WHEN bool_or(cursor_key IS NOT NULL)
+                                                 THEN current_setting('synchronous_commit') ELSE 'off' END, true)
+    FROM claimed
 )
-UPDATE {job} AS j
-SET state = 'running', start_time = now(), end_time = NULL,
-    worker_id = %(worker_id)s, attempts = j.attempts + 1,
-    max_attempts = coalesce(j.max_attempts, (%(policies)s::jsonb -> j.queue ->> 'max_attempts')::int, 1),
-    lost_policy = coalesce(j.lost_policy, %(policies)s::jsonb -> j.queue ->> 'lost', 'hold'),
-    -- LEAST: a row written past MQSource's checks must not make every claim
-    -- fail (and LEAST skips NULLs, hence the CASE for "no timeout")
-    deadline = CASE
-        WHEN coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8) IS NULL THEN NULL
-        ELSE now() + make_interval(secs => LEAST(
-            coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8), 3.2e8))
-    END
-FROM chosen
-WHERE j.id = chosen.id
-RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
-    NULL::jsonb AS cursor, j.max_attempts, j.backoff, EXTRACT(EPOCH FROM j.deadline - j.start_time)::float8
+SELECT claimed.* FROM claimed CROSS JOIN durability ORDER BY scheduled_time, id
 """
 
 # The data of the claimed jobs' cursors. Deliberately a statement of its own,
@@ -223,6 +246,7 @@ WITH gone AS (DELETE FROM {worker} WHERE id = %(worker_id)s)
 SELECT pg_advisory_unlock(%(lock_class)s, %(worker_id)s::int)
 """
 
+
 def _release_jobs(victims: str) -> str:
     """SQL that takes running jobs away from their attempt, per their policy.
 
@@ -350,7 +374,9 @@ WITH victims AS (
     SELECT j.id,
         CASE WHEN j.attempts < j.max_attempts THEN 'pending' ELSE 'failed' END AS outcome,
         """
-    + _attempt_error("JobTimeout", "format('attempt %%s ran past its timeout of %%s s', j.attempts, j.timeout)")
+    + _attempt_error(
+        "JobTimeout", "format('attempt %%s ran past its timeout of %%s s', j.attempts, j.timeout)"
+    )
     + """ AS error
     FROM {job} AS j
     WHERE j.state = 'running' AND j.deadline < now()
