@@ -29,21 +29,33 @@ def listen(conn: Any, queues: Iterable[str]) -> None:
 
 
 class Waker:
-    """A self-pipe: lets other threads interrupt the dispatcher's ``select()``."""
+    """A self-pipe: lets other threads interrupt the dispatcher's ``select()``.
+
+    While a wake-up is pending (written, not yet drained) further ones write
+    nothing: under load every finished job asks for one, and a write per job
+    was a measurable share of a draining worker's time.
+    """
 
     def __init__(self) -> None:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        self._pending = False
 
     def fileno(self) -> int:
         return self._read
 
     def wake(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
         with contextlib.suppress(BlockingIOError):  # pipe full: a wake-up is pending anyway
             os.write(self._write, b"x")
 
     def drain(self) -> None:
+        # cleared before reading: a wake() racing with us then writes again
+        # (at worst one spurious wake-up), rather than being swallowed
+        self._pending = False
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read, 4096):
                 pass
