@@ -247,6 +247,11 @@ class PrivateServer:
         """``pg_ctl -m fast restart``: every session is ended, every advisory lock released."""
         self._pg_ctl(["-w", "-m", "fast", "restart"])
 
+    def crash(self) -> None:
+        """``pg_ctl -m immediate restart``: no shutdown checkpoint, so the WAL not yet
+        flushed is lost and the server starts with crash recovery."""
+        self._pg_ctl(["-w", "-m", "immediate", "restart"])
+
     def stop(self) -> None:
         self._pg_ctl(["-w", "-m", "fast", "stop"])
 
@@ -430,7 +435,7 @@ def drain(
     monitor: sa.Engine | None = None,
     worker_options: dict[str, Any] | None = None,
 ) -> DrainReport:
-    """Queue ``jobs`` jobs on ``cursors`` cursors, drain them with worker processes, inject faults.
+    """Queue ``jobs`` jobs on ``cursors`` cursors (0: none), drain them with worker processes, inject faults.
 
     ``fault()`` runs when the finished fraction first reaches each of ``fault_at``.
     The workers are stopped gracefully at the end (their exit status is checked
@@ -443,8 +448,7 @@ def drain(
             "queue": "drain",
             "method": "m",
             "args": {"n": i, **(job_args or {})},
-            "cursor_key": f"cursor-{i % cursors}",
-            "collapse_on_cursor": False,
+            **({"cursor_key": f"cursor-{i % cursors}", "collapse_on_cursor": False} if cursors else {}),
             **(call or {}),
         }
         for i in range(jobs)
