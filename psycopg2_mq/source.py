@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import flag_modified
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import flag_modified, instance_state
 
 from . import _json
 from ._notify import channel_for
@@ -111,13 +111,17 @@ class MQSource:
         params = _insert_params(request)
         if conflict_resolver is not None and (cursor_key is None or not collapse_on_cursor):
             raise ValueError("conflict_resolver needs a cursor_key and collapse_on_cursor=True")
-        stmt = _insert_statement(self.model, collapsing=cursor_key is not None and collapse_on_cursor)
+        insert = _insert_statement(self.model, collapsing=cursor_key is not None and collapse_on_cursor)
+        session = self.dbsession
         # A collapse target can be claimed between our INSERT and SELECT; then
         # the cursor has no pending job any more and inserting again succeeds.
         for _ in range(10):
-            job = self.dbsession.scalars(stmt, params).one_or_none()
-            if job is not None:
-                return job
+            if session.autoflush:
+                # as Session.execute would: pending ORM changes go first
+                session.flush()
+            row = self._connection().exec_driver_sql(insert.sql, params).first()
+            if row is not None:
+                return insert.attach(session, row, params)
             existing = self._pending_on_cursor(cursor_key, lock=conflict_resolver is not None)
             if existing is not None:
                 if conflict_resolver is not None:
@@ -140,7 +144,10 @@ class MQSource:
         the id of the pending job it collapsed onto. All calls are validated
         before anything is written.
         """
-        requests, items = [], []
+        requests: list[CallRequest] = []
+        checked: list[
+            tuple[str, str | None, str | None, datetime | timedelta | None, dict[str, Any] | None]
+        ] = []
         for entry in calls:
             if isinstance(entry, dict):
                 if "conflict_resolver" in entry:
@@ -148,13 +155,20 @@ class MQSource:
                 request = CallRequest(**entry)
             else:
                 request = CallRequest(*entry)
-            items.append(_bulk_item(request))
+            args, trace, on_finish, when = _check(request)
+            checked.append((args, trace, on_finish, when, _policy_or_none(request)))
             requests.append(request)
-        if not items:
+        if not requests:
             return []
-        rows = self._connection().exec_driver_sql(
-            _bulk_insert_sql(self.model), {"items": "[" + ",".join(items) + "]"}
-        ).all()
+        if all(r.cursor_key is None for r in requests):
+            # the common bulk case: nothing can collapse, so a plain insert will do
+            return self._insert_plain(requests, checked)
+        items = [_bulk_item(r, *c) for r, c in zip(requests, checked, strict=True)]
+        rows = (
+            self._connection()
+            .exec_driver_sql(_bulk_insert_sql(self.model), {"items": "[" + ",".join(items) + "]"})
+            .all()
+        )
         ids: list[int] = []
         for ordinal, job_id in rows:
             if job_id is None:
@@ -165,6 +179,35 @@ class MQSource:
                 job_id = job.id
             ids.append(job_id)
         return ids
+
+    def _insert_plain(self, requests: list[CallRequest], checked: list[Any]) -> list[int]:
+        """``call_many`` for calls without a cursor: one INSERT from column arrays."""
+        n = len(requests)
+        columns: dict[str, list[Any]] = {
+            "queue": [r.queue for r in requests],
+            "method": [r.method for r in requests],
+            "args": [c[0] for c in checked],
+        }
+        # a column left empty unnests as NULLs: no need to send 1,000 of them
+        optional: dict[str, list[Any]] = {name: [] for name in _PLAIN_OPTIONAL}
+        for i, (_, trace, on_finish, when, policy) in enumerate(checked):
+            if trace is not None:
+                _set(optional["trace"], n, i, trace)
+            if on_finish is not None:
+                _set(optional["on_finish"], n, i, on_finish)
+            if isinstance(when, timedelta):
+                _set(optional["delay"], n, i, when.total_seconds())
+            elif when is not None:
+                _set(optional["at"], n, i, when)
+            if policy is not None:
+                for name in ("max_attempts", "lost_policy", "timeout"):
+                    if policy[name] is not None:
+                        _set(optional[name], n, i, policy[name])
+                if policy["backoff"] is not None:
+                    _set(optional["backoff"], n, i, json.dumps(policy["backoff"]))
+        columns.update(optional)
+        rows = self._connection().exec_driver_sql(_plain_insert_sql(self.model), columns).all()
+        return [row[0] for row in rows]
 
     # -- inspecting -----------------------------------------------------------
 
@@ -205,7 +248,9 @@ class MQSource:
         row = self.dbsession.get(self.model.JobCursor, cursor_key)
         return None if row is None else row.properties
 
-    def blocked_cursors(self, *, running_longer_than: float | timedelta | None = None) -> list[dict[str, Any]]:
+    def blocked_cursors(
+        self, *, running_longer_than: float | timedelta | None = None
+    ) -> list[dict[str, Any]]:
         """Cursors held by a lost job, or by a job running longer than the given time.
 
         Each entry: ``cursor_key``, the holding ``job_id``, its ``state``,
@@ -218,8 +263,10 @@ class MQSource:
             else running_longer_than
         )
         job = _table_sql(self.model.job_table)
-        rows = self._connection().exec_driver_sql(
-            f"""
+        rows = (
+            self._connection()
+            .exec_driver_sql(
+                f"""
             SELECT h.cursor_key, h.id, h.state, h.worker_id, h.start_time,
                    EXTRACT(EPOCH FROM now() - h.start_time)::float8,
                    (SELECT count(*) FROM {job} AS p WHERE p.cursor_key = h.cursor_key AND p.state = 'pending')
@@ -229,8 +276,10 @@ class MQSource:
                 AND h.start_time < now() - make_interval(secs => %(secs)s::float8)))
             ORDER BY h.start_time
             """,
-            {"secs": seconds},
-        ).all()
+                {"secs": seconds},
+            )
+            .all()
+        )
         keys = ("cursor_key", "job_id", "state", "worker_id", "start_time", "held_seconds", "waiting")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
@@ -246,8 +295,10 @@ class MQSource:
         if job.state != JobStates.PENDING:
             return {"job_id": job.id, "state": job.state, "reasons": [f"the job is {job.state}, not pending"]}
         table, workers = _table_sql(self.model.job_table), _table_sql(self.model.worker_table)
-        row = self._connection().exec_driver_sql(
-            f"""
+        row = (
+            self._connection()
+            .exec_driver_sql(
+                f"""
             SELECT EXTRACT(EPOCH FROM j.scheduled_time - now())::float8,
                    (SELECT array[h.id::text, h.state] FROM {table} AS h
                     WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')),
@@ -261,8 +312,10 @@ class MQSource:
                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
             FROM {table} AS j WHERE j.id = %(id)s
             """,
-            {"id": job_id, "lock_class": self.model.lock_class},
-        ).one()
+                {"id": job_id, "lock_class": self.model.lock_class},
+            )
+            .one()
+        )
         due_in, holder, ahead, served = row
         reasons = []
         if due_in > 0:
@@ -283,9 +336,13 @@ class MQSource:
         """
         _check_name(cursor_key, "cursor_key")
         table = _table_sql(self.model.finished_job_table)
-        rows = self._connection().exec_driver_sql(
-            f"DELETE FROM {table} WHERE cursor_key = %(key)s RETURNING job_id", {"key": cursor_key}
-        ).all()
+        rows = (
+            self._connection()
+            .exec_driver_sql(
+                f"DELETE FROM {table} WHERE cursor_key = %(key)s RETURNING job_id", {"key": cursor_key}
+            )
+            .all()
+        )
         return sorted(row[0] for row in rows)
 
     # -- managing -------------------------------------------------------------
@@ -318,7 +375,9 @@ class MQSource:
         job = self._require(job_id, lock=True)
         retryable = (*JobStates.FINISHED, JobStates.LOST)
         if job.state not in retryable:
-            raise InvalidJobStateError(f"job {job_id} is {job.state}; only {', '.join(retryable)} jobs can be retried")
+            raise InvalidJobStateError(
+                f"job {job_id} is {job.state}; only {', '.join(retryable)} jobs can be retried"
+            )
         on_finish = job.on_finish
         if job.state == JobStates.LOST:
             self._finish_lost(job, _lost_error("retried"), keep_on_finish=False)
@@ -382,15 +441,15 @@ class MQSource:
         return self.dbsession.scalars(query.execution_options(populate_existing=True)).one_or_none()
 
     def _require(self, job_id: int, lock: bool = False) -> Any:
-        job = self.dbsession.get(
-            self.model.Job, job_id, with_for_update=lock or None, populate_existing=True
-        )
+        job = self.dbsession.get(self.model.Job, job_id, with_for_update=lock or None, populate_existing=True)
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return job
 
     def _expire(self, job_id: int) -> None:
-        job = self.dbsession.identity_map.get(sa.inspect(self.model.Job).identity_key_from_primary_key((job_id,)))
+        job = self.dbsession.identity_map.get(
+            sa.inspect(self.model.Job).identity_key_from_primary_key((job_id,))
+        )
         if job is not None:
             self.dbsession.expire(job)
 
@@ -447,7 +506,9 @@ def _policy_values(request: CallRequest) -> dict[str, Any]:
     timeout = request.timeout.total_seconds() if isinstance(request.timeout, timedelta) else request.timeout
     check_policy_values(request.max_attempts, request.lost_policy, timeout)
     if request.backoff is not None and not isinstance(request.backoff, Backoff):
-        raise TypeError("backoff must be a psycopg2_mq.Backoff (a custom function belongs in the queue's policy)")
+        raise TypeError(
+            "backoff must be a psycopg2_mq.Backoff (a custom function belongs in the queue's policy)"
+        )
     return {
         "max_attempts": request.max_attempts,
         "backoff": None if request.backoff is None else request.backoff.to_json(),
@@ -456,8 +517,20 @@ def _policy_values(request: CallRequest) -> dict[str, Any]:
     }
 
 
-def _check(request: CallRequest) -> tuple[str, str, str | None, datetime | timedelta | None]:
-    """Validate a call; returns (args json, trace json, on_finish json, when)."""
+def _policy_or_none(request: CallRequest) -> dict[str, Any] | None:
+    """``_policy_values``, or None when the call sets no policy (the common case)."""
+    if (
+        request.max_attempts is None
+        and request.backoff is None
+        and request.lost_policy is None
+        and request.timeout is None
+    ):
+        return None
+    return _policy_values(request)
+
+
+def _check(request: CallRequest) -> tuple[str, str | None, str | None, datetime | timedelta | None]:
+    """Validate a call; returns (args json, trace json, on_finish json, when); None: SQL NULL."""
     _check_name(request.queue, "queue")
     _check_name(request.method, "method")
     if request.cursor_key is not None:
@@ -467,7 +540,7 @@ def _check(request: CallRequest) -> tuple[str, str, str | None, datetime | timed
     if not isinstance(request.collapse_on_cursor, bool):
         raise TypeError("collapse_on_cursor must be a bool")
     args = _json.dumps(request.args, "args")
-    trace = _json.dumps(request.trace, "trace")
+    trace = None if request.trace is None else _json.dumps(request.trace, "trace")
     on_finish = _check_on_finish(request.on_finish)
     when = _check_when(request.when)
     return args, trace, None if on_finish is None else _json.dumps(on_finish, "on_finish"), when
@@ -483,7 +556,7 @@ def _insert_params(request: CallRequest) -> dict[str, Any]:
         "args": args,
         "cursor_key": request.cursor_key,
         "collapsible": request.collapse_on_cursor,
-        "trace": trace if request.trace is not None else None,
+        "trace": trace,
         "on_finish": on_finish,
         "max_attempts": policy["max_attempts"],
         "backoff": None if policy["backoff"] is None else json.dumps(policy["backoff"]),
@@ -494,48 +567,107 @@ def _insert_params(request: CallRequest) -> dict[str, Any]:
     }
 
 
+#: the columns ``call``'s INSERT returns: what the server computes, and the JSON
+#: columns as jsonb normalized them (a fresh load of the job reads the same)
+_RETURNED = ("id", "created_time", "scheduled_time", "args", "trace", "on_finish", "backoff")
+
+
+@dataclass(frozen=True)
+class _Insert:
+    """``call``'s one-round-trip INSERT .. RETURNING for one model, and how to make its ``model.Job``."""
+
+    sql: str
+    mapper: Any
+
+    def attach(self, session: Session, row: Sequence[Any], params: dict[str, Any]) -> Any:
+        """The inserted job as a persistent ``model.Job`` of ``session``, without a reload.
+
+        Loading the row through the ORM (``select(Job).from_statement``) cost
+        about as much Python as the round trip; the job is built from the
+        returned server values and the validated parameters instead, then
+        attached as a clean persistent object (identity map included). A
+        column neither returned nor filled here would load on first access.
+        """
+        job = self.mapper.class_manager.new_instance()
+        values = dict(zip(_RETURNED, row, strict=True))
+        timeout = params["timeout"]
+        values.update(
+            queue=params["queue"],
+            method=params["method"],
+            result=None,
+            state=JobStates.PENDING,
+            cursor_key=params["cursor_key"],
+            collapsible=params["collapsible"],
+            start_time=None,
+            end_time=None,
+            worker_id=None,
+            attempts=0,
+            max_attempts=params["max_attempts"],
+            lost_policy=params["lost_policy"],
+            # a float8 column: an int timeout reads back as a float
+            timeout=None if timeout is None else float(timeout),
+            deadline=None,
+            errors=None,
+        )
+        # straight into the instance dict: no attribute events, nothing to flush
+        instance_state(job).dict.update(values)
+        make_transient_to_detached(job)
+        session.add(job)
+        return job
+
+
 #: per mapped Job class (weakly: a model that goes away takes its statements along)
-_insert_statements: weakref.WeakKeyDictionary[type, dict[bool, Any]] = weakref.WeakKeyDictionary()
+_insert_statements: weakref.WeakKeyDictionary[type, dict[bool, _Insert]] = weakref.WeakKeyDictionary()
 
 
-def _insert_statement(model: Model, collapsing: bool) -> Any:
-    """The one-round-trip INSERT .. RETURNING of ``call``, loading a ``model.Job``.
+def _insert_statement(model: Model, collapsing: bool) -> _Insert:
+    """The one-round-trip INSERT .. RETURNING of ``call``.
 
-    Built once per model: a fixed textual statement keeps SQLAlchemy's work per
-    call to binding parameters (building a Core insert per call cost more than
-    the round trip). ``scheduled_time`` is on the database clock.
+    Built once per model and run at driver level (``exec_driver_sql``: engine
+    events still fire): building a Core insert per call cost more than the
+    round trip, and an ORM load of ``RETURNING *`` about as much again.
+    ``scheduled_time`` is on the database clock.
     """
     statements = _insert_statements.setdefault(model.Job, {})
-    stmt = statements.get(collapsing)
-    if stmt is None:
+    insert = statements.get(collapsing)
+    if insert is None:
+        mapper = sa.inspect(model.Job)
+        # new_instance() skips the mapper's own configure step
+        sa.orm.configure_mappers()
         conflict = (
-            "ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING" if collapsing else ""
+            "ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING"
+            if collapsing
+            else ""
         )
-        sql = sa.text(
-            f"""
-            INSERT INTO {_table_sql(model.job_table)} (queue, method, args, state, cursor_key, collapsible, trace, on_finish,
-                                         max_attempts, backoff, lost_policy, timeout, scheduled_time)
-            VALUES (:queue, :method, CAST(:args AS jsonb), 'pending', :cursor_key, :collapsible,
-                    CAST(:trace AS jsonb), CAST(:on_finish AS jsonb), :max_attempts, CAST(:backoff AS jsonb),
-                    :lost_policy, :timeout,
-                    coalesce(CAST(:at AS timestamptz), now() + make_interval(secs => CAST(:delay AS float8)), now()))
+        sql = f"""
+            INSERT INTO {_table_sql(model.job_table)} (queue, method, args, state, cursor_key, collapsible, trace,
+                on_finish, max_attempts, backoff, lost_policy, timeout, scheduled_time)
+            VALUES (%(queue)s, %(method)s, %(args)s::jsonb, 'pending', %(cursor_key)s, %(collapsible)s,
+                    %(trace)s::jsonb, %(on_finish)s::jsonb, %(max_attempts)s, %(backoff)s::jsonb,
+                    %(lost_policy)s, %(timeout)s,
+                    coalesce(%(at)s::timestamptz, now() + make_interval(secs => %(delay)s::float8), now()))
             {conflict}
-            RETURNING *
+            RETURNING {", ".join(_RETURNED)}
             """
-        )
-        stmt = statements[collapsing] = sa.select(model.Job).from_statement(sql)
-    return stmt
+        insert = statements[collapsing] = _Insert(sql=sql, mapper=mapper)
+    return insert
 
 
-def _bulk_item(request: CallRequest) -> str:
-    """One call as a JSON object for the bulk insert (args spliced in as-is)."""
-    args, trace, on_finish, when = _check(request)
+def _bulk_item(
+    request: CallRequest,
+    args: str,
+    trace: str | None,
+    on_finish: str | None,
+    when: datetime | timedelta | None,
+    policy: dict[str, Any] | None,
+) -> str:
+    """One checked call as a JSON object for the cursor-aware bulk insert (JSON spliced in as-is)."""
     fields = {
         "queue": request.queue,
         "method": request.method,
         "cursor_key": request.cursor_key,
         "collapsible": request.collapse_on_cursor,
-        **_policy_values(request),
+        **(policy or {}),
     }
     if isinstance(when, timedelta):
         fields["delay"] = when.total_seconds()
@@ -543,11 +675,48 @@ def _bulk_item(request: CallRequest) -> str:
         fields["at"] = when.isoformat()
     head = json.dumps(fields)[:-1]
     tail = f',"args":{args}'
-    if request.trace is not None:
+    if trace is not None:
         tail += f',"trace":{trace}'
     if on_finish is not None:
         tail += f',"on_finish":{on_finish}'
     return head + tail + "}"
+
+
+def _set(column: list[Any], n: int, i: int, value: Any) -> None:
+    """Set item ``i`` of a column of ``n`` values that starts out empty (all NULL)."""
+    if not column:
+        column.extend([None] * n)
+    column[i] = value
+
+
+#: the columns of ``_plain_insert_sql`` sent only when some call sets them
+_PLAIN_OPTIONAL = ("trace", "on_finish", "max_attempts", "backoff", "lost_policy", "timeout", "at", "delay")
+
+
+def _plain_insert_sql(model: Model) -> str:
+    job = _table_sql(model.job_table)
+    # One array per column (unnest pads an empty one with NULLs). Ids are drawn
+    # in the CTE, so each input position knows its id whatever order the
+    # INSERT writes or returns rows in; the final SELECT orders them.
+    return f"""
+WITH v AS MATERIALIZED (
+    SELECT nextval((SELECT pg_get_serial_sequence('{job}', 'id'))::regclass) AS id, u.*
+    FROM unnest(%(queue)s::text[], %(method)s::text[], %(args)s::jsonb[], %(trace)s::jsonb[],
+                %(on_finish)s::jsonb[], %(max_attempts)s::int[], %(backoff)s::jsonb[], %(lost_policy)s::text[],
+                %(timeout)s::float8[], %(at)s::timestamptz[], %(delay)s::float8[])
+         WITH ORDINALITY AS u(queue, method, args, trace, on_finish, max_attempts, backoff, lost_policy, timeout,
+                              at, delay, ord)
+),
+ins AS (
+    INSERT INTO {job} (id, queue, method, args, state, collapsible, trace, on_finish, scheduled_time,
+                       max_attempts, backoff, lost_policy, timeout)
+    SELECT id, queue, method, args, 'pending', true, trace, on_finish,
+           coalesce(at, now() + make_interval(secs => delay), now()),
+           max_attempts, backoff, lost_policy, timeout
+    FROM v ORDER BY ord
+)
+SELECT id FROM v ORDER BY ord
+"""
 
 
 def _snoozes(errors: Any) -> int:
