@@ -53,12 +53,15 @@ class Waker:
             os.write(self._write, b"x")
 
     def drain(self) -> None:
-        # cleared before reading: a wake() racing with us then writes again
-        # (at worst one spurious wake-up), rather than being swallowed
-        self._pending = False
+        # Cleared after reading, never before: cleared first, the read could
+        # swallow the byte of a wake() that came in between, leaving the flag
+        # set and the pipe empty, and every later wake() a no-op (a worker
+        # then sat idle with jobs due). A wake() skipped because the flag was
+        # still set came before the caller looks at its state again.
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read, 4096):
                 pass
+        self._pending = False
 
     def close(self) -> None:
         os.close(self._read)
