@@ -13,6 +13,12 @@ canceled); skipped and canceled ones are terminal in turn and feed the next
 round. Each round reads and writes only the steps that changed and their
 direct neighbours, which is why an advance costs O(changed steps + their
 edges), never O(run).
+
+The rows an advance has read are held in memory and are the truth for the
+rest of its transaction (nobody else writes them: the run is locked). Changes
+to them are written once, at the end, together with the run's row; reads in
+between take the in-memory rows first and ask the database only for the
+others. An advance of a chain is six statements and a commit (it was eleven).
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ from ._queries import (
     COUNT_DOWN_ITEMS,
     COUNT_DOWN_WAITING,
     DELETE_STEP,
+    FINISH_RUN,
     INSERT_STEPS,
+    LOAD_FINISHED_JOBS,
     LOAD_ITEM_ROWS,
     LOAD_ITEMS,
     LOAD_OPEN_STEPS,
     LOAD_RESULTS,
     LOAD_STEPS,
     LOCK_RUN,
-    RUN_OUTCOME,
     SAVE_RUN,
     SAVE_STEPS,
+    combine,
 )
 from .model import WorkflowModel
 from .rules import RunStates, StepStates, should_run
@@ -80,6 +88,18 @@ class RunRow:
     unfinished: int
 
 
+class _Unread:
+    """The type of :data:`UNREAD`."""
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+#: a step's ``result`` that was neither read nor set in this transaction: the
+#: stored one stands (reads take it from the database, writes leave it alone)
+UNREAD: Any = _Unread()
+
+
 @dataclass
 class StepRow:
     name: str
@@ -91,7 +111,7 @@ class StepRow:
     items_left: int | None
     attempts: int
     job_id: int | None
-    result: Any = None
+    result: Any = UNREAD
     #: what to write back: set by the methods that change the row
     dirty: bool = False
     new: bool = False
@@ -115,7 +135,12 @@ class RunAdvancer:
         self.wf = wf
         self.run = run
         self.mq = MQSource(dbsession=session, model=model)
-        self._names = {"run": table_sql(wf.run_table), "step": table_sql(wf.step_table)}
+        self._names = {
+            "run": table_sql(wf.run_table),
+            "step": table_sql(wf.step_table),
+            "job": table_sql(model.job_table),
+            "trace_key": TRACE_KEY,
+        }
         self._rows: dict[str, StepRow] = {}
         #: steps that became terminal and have not told their dependents yet
         self._finished: list[StepRow] = []
@@ -130,42 +155,41 @@ class RunAdvancer:
         """Record the outcome of these finished jobs; returns how many steps changed."""
         if not job_ids:
             return 0
-        job = self.model.job_table
-        jobs = self.session.execute(
-            sa.select(job.c.id, job.c.state, job.c.result, job.c.trace, job.c.on_finish)
-            .where(job.c.id.in_(job_ids))
-            .order_by(job.c.id)
-        ).all()
+        # the jobs and their steps in one round trip
+        params = {"run_id": self.run.id, "job_ids": job_ids}
+        found = self.session.execute(self._sql(LOAD_FINISHED_JOBS), params).all()
         # a finished job without on_finish handed it to a copy (MQSource.retry_job
         # of a lost job): the copy's outcome is the step's, not this one's
         mine = [
-            j
-            for j in jobs
-            if j.state in JobStates.FINISHED and j.on_finish is not None and self._step_of(j.trace) is not None
+            (j, j[5:])
+            for j in found
+            if j.job_state in JobStates.FINISHED
+            and j.has_on_finish
+            and j.name is not None
+            and self._step_of(j.job_trace) == j.name
         ]
-        rows = self.load([self._step_of(j.trace) for j in mine])  # type: ignore[misc]
         changed = 0
-        for j in mine:
-            step = rows.get(self._step_of(j.trace))  # type: ignore[arg-type]
-            if step is None or step.state != StepStates.QUEUED or step.job_id is None:
+        for j, columns in mine:
+            (step,) = self._store([columns])
+            if step.state != StepStates.QUEUED or step.job_id is None:
                 continue  # already decided: a replayed advance, or a canceled run
-            if j.id < step.job_id:
+            if j.job_key < step.job_id:
                 continue  # an older attempt of the step
-            if j.id > step.job_id:
+            if j.job_key > step.job_id:
                 # MQSource.retry_job made a copy of the step's job (trace and
                 # on_finish included): adopt it as the step's current attempt
-                step.job_id = j.id
+                step.job_id = j.job_key
                 step.attempts += 1
                 step.dirty = True
             changed += 1
-            if j.state == JobStates.COMPLETED:
-                self.finish(step, StepStates.COMPLETED, j.result)
-            elif j.state == JobStates.CANCELED:
-                self.finish(step, StepStates.CANCELED, j.result)
+            if j.job_state == JobStates.COMPLETED:
+                self.finish(step, StepStates.COMPLETED, j.job_result)
+            elif j.job_state == JobStates.CANCELED:
+                self.finish(step, StepStates.CANCELED, j.job_result)
             elif self.run.state == RunStates.RUNNING and step.attempts <= self._spec(step).get("retries", 0):
-                self._retry_job(step, j.trace)
+                self._retry_job(step, j.job_trace)
             else:
-                self.finish(step, StepStates.FAILED, j.result)
+                self.finish(step, StepStates.FAILED, j.job_result)
         return changed
 
     def reconcile(self) -> int:
@@ -188,14 +212,15 @@ class RunAdvancer:
         for step in rows:
             # a queued step whose job could not be canceled is running: it finishes;
             # a mapped step (no job of its own) ends when its items do
-            if step.state == StepStates.WAITING or (step.job_id is not None and self.mq.cancel_job(step.job_id)):
+            if step.state == StepStates.WAITING or (
+                step.job_id is not None and self.mq.cancel_job(step.job_id)
+            ):
                 self.finish(step, StepStates.CANCELED, None)
 
     def decide(self, names: list[str]) -> None:
         """Decide steps whose upstream steps are all terminal (a no-op for others)."""
         if not names:
             return
-        self.save_steps()  # the upstream reads below must see this round's changes
         rows = self.load(names)
         ready = [rows[n] for n in names if n in rows and rows[n].state == StepStates.WAITING]
         upstream = self.load_results({u for s in ready for u in s.spec["after"]})
@@ -220,7 +245,6 @@ class RunAdvancer:
             batch, self._finished = self._finished, []
             if not batch:
                 continue
-            self.save_steps()
             waiting: Counter[str] = Counter()
             items: Counter[str] = Counter()
             for step in batch:
@@ -231,20 +255,19 @@ class RunAdvancer:
                     self.run_changed = True
                     waiting.update(step.spec.get("downstream", []))
             if items:
-                for name, left in self._count_down(COUNT_DOWN_ITEMS, items):
-                    if left <= 0:
-                        self._finish_mapped(name)
+                for name in self._count_down(items, mapped=True):
+                    self._finish_mapped(name)
             if waiting:
-                self.decide([name for name, left in self._count_down(COUNT_DOWN_WAITING, waiting) if left <= 0])
+                self.decide(self._count_down(waiting, mapped=False))
 
     def save(self) -> None:
         """Propagate, write every change and finish the run if nothing is left."""
         self.propagate()
-        self.save_steps()
         if self.run.unfinished <= 0 and self.run.state in RunStates.ACTIVE:
+            self.save_steps()
             self._finish_run()
-        elif self.run_changed:
-            self._save_run(None)
+        else:
+            self.save_steps(with_run=self.run_changed)
 
     # -- step changes ----------------------------------------------------------------
 
@@ -278,7 +301,9 @@ class RunAdvancer:
 
     def load_items(self, parent: str) -> list[StepRow]:
         """The items of a mapped step, in order."""
-        rows = self.session.execute(self._sql(LOAD_ITEM_ROWS), {"run_id": self.run.id, "parent": parent}).all()
+        rows = self.session.execute(
+            self._sql(LOAD_ITEM_ROWS), {"run_id": self.run.id, "parent": parent}
+        ).all()
         return self._store(rows)
 
     def delete_step(self, step: StepRow) -> None:
@@ -289,22 +314,35 @@ class RunAdvancer:
         """The rows of these steps (cached for the transaction)."""
         missing = [n for n in set(names) if n not in self._rows]
         if missing:
-            self._store(self.session.execute(self._sql(LOAD_STEPS), {"run_id": self.run.id, "names": missing}).all())
+            self._store(
+                self.session.execute(self._sql(LOAD_STEPS), {"run_id": self.run.id, "names": missing}).all()
+            )
         return {n: self._rows[n] for n in names if n in self._rows}
 
     def load_results(self, names: set[str]) -> dict[str, dict[str, Any]]:
         """``{name: {"state", "result"}}`` of terminal steps, as their dependents see them."""
         out: dict[str, dict[str, Any]] = {}
-        if names:
-            params = {"run_id": self.run.id, "names": sorted(names)}
+        missing = []
+        for name in names:
+            row = self._rows.get(name)
+            if row is not None and row.result is not UNREAD:
+                out[name] = {"state": row.state, "result": row.result}
+            else:
+                missing.append(name)
+        if missing:
+            params = {"run_id": self.run.id, "names": sorted(missing)}
             for name, state, result in self.session.execute(self._sql(LOAD_RESULTS), params):
-                out[name] = {"state": state, "result": result}
+                row = self._rows.get(name)  # its state may have changed in memory
+                out[name] = {"state": state if row is None else row.state, "result": result}
         return out
 
-    def save_steps(self) -> None:
+    def save_steps(self, *, with_run: bool = False) -> None:
+        """Write the changed steps (and with ``with_run`` the run's row) in one statement."""
         dirty = [s for s in self._rows.values() if s.dirty and s.call is None]
         new = [s for s in dirty if s.new]
         old = [s for s in dirty if not s.new]
+        statements: list[str] = []
+        params: dict[str, Any] = {"run_id": self.run.id}
         if new:
             rows = [
                 {
@@ -320,23 +358,18 @@ class RunAdvancer:
                 }
                 for s in new
             ]
-            self.session.execute(self._sql(INSERT_STEPS), {"run_id": self.run.id, "rows": _dumps(rows)})
+            statements.append(INSERT_STEPS)
+            params["new_rows"] = _dumps(rows)
         if old:
-            changes = {
-                s.name: {
-                    "state": s.state,
-                    "result": s.result,
-                    "job_id": s.job_id,
-                    "attempts": s.attempts,
-                    "waiting_on": s.waiting_on,
-                    "items_left": s.items_left,
-                    "queued": s.queued,
-                    "finished": s.finished,
-                }
-                for s in old
-            }
-            params = {"run_id": self.run.id, "rows": _dumps(changes), "names": list(changes)}
-            self.session.execute(self._sql(SAVE_STEPS), params)
+            changes = {s.name: _changes(s) for s in old}
+            statements.append(SAVE_STEPS)
+            params.update(rows=_dumps(changes), names=list(changes))
+        if with_run:
+            statements.append(SAVE_RUN)
+            params.update(state=self.run.state, unfinished=self.run.unfinished)
+            self.run_changed = False
+        if statements:
+            self.session.execute(self._sql(combine(statements)), params)
         for s in dirty:
             # new rows that became terminal in this round are now plain rows
             s.dirty = s.new = s.queued = s.finished = False
@@ -349,7 +382,7 @@ class RunAdvancer:
     def _store(self, rows: Any) -> list[StepRow]:
         out = []
         for r in rows:
-            step = self._rows.get(r.name)
+            step = self._rows.get(r[0])  # the name
             if step is None:
                 step = StepRow(*r)
                 self._rows[step.name] = step
@@ -368,17 +401,38 @@ class RunAdvancer:
             return step.spec
         return self.load([step.parent])[step.parent].spec
 
-    def _count_down(self, sql: str, counts: Counter[str]) -> list[tuple[str, int]]:
-        params = {"run_id": self.run.id, "counts": _dumps(dict(counts)), "names": list(counts)}
-        result = self.session.execute(self._sql(sql), params).all()
-        for name, left in result:
-            cached = self._rows.get(name)
-            if cached is not None:
-                if sql is COUNT_DOWN_ITEMS:
-                    cached.items_left = left
-                else:
-                    cached.waiting_on = left
-        return [(name, left) for name, left in result]
+    def _count_down(self, counts: Counter[str], *, mapped: bool) -> list[str]:
+        """Count down ``waiting_on`` (or a mapped step's ``items_left``); the steps that reach zero.
+
+        Rows held in memory count down there (they are written at the end);
+        the others in one UPDATE, which returns the whole rows that reach zero.
+        Only steps still waiting (mapped steps still queued) count down, so a
+        replayed advance, or a step canceled meanwhile, is left alone.
+        """
+        ready: list[str] = []
+        uncached: dict[str, int] = {}
+        for name, n in counts.items():
+            row = self._rows.get(name)
+            if row is None:
+                uncached[name] = n
+            elif mapped and row.state == StepStates.QUEUED and row.items_left is not None:
+                row.items_left -= n
+                row.dirty = True
+                if row.items_left <= 0:
+                    ready.append(name)
+            elif not mapped and row.state == StepStates.WAITING:
+                row.waiting_on -= n
+                row.dirty = True
+                if row.waiting_on <= 0:
+                    ready.append(name)
+        if uncached:
+            params = {"run_id": self.run.id, "counts": _dumps(uncached), "names": list(uncached)}
+            sql = COUNT_DOWN_ITEMS if mapped else COUNT_DOWN_WAITING
+            for row in self.session.execute(self._sql(sql), params):
+                if (row.items_left if mapped else row.waiting_on) <= 0:
+                    self._store([row])
+                    ready.append(row.name)
+        return ready
 
     def _context(self, step: StepRow, upstream: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -463,6 +517,7 @@ class RunAdvancer:
             self.finish(step, StepStates.COMPLETED, [])
             return
         step.state = StepStates.QUEUED
+        step.result = None
         step.items_left = len(items)
         step.attempts += 1
         step.queued = True
@@ -488,42 +543,51 @@ class RunAdvancer:
         step = self.load([name])[name]
         if step.state != StepStates.QUEUED:
             return
-        self.save_steps()
+        held = [s for s in self._rows.values() if s.parent == name]
+        if any(s.new for s in held):
+            self.save_steps()  # items not inserted yet (never on the normal path)
         items = self.session.execute(self._sql(LOAD_ITEMS), {"run_id": self.run.id, "parent": name}).all()
-        states = {row.state for row in items}
-        if states <= {StepStates.COMPLETED}:
+        # items held in memory (those finished by this advance) are newer than their rows
+        memory = {s.name: s for s in held}
+        states, results = [], []
+        for row in items:
+            item = memory.get(row.name)
+            states.append(row.state if item is None else item.state)
+            results.append(row.result if item is None or item.result is UNREAD else item.result)
+        if set(states) <= {StepStates.COMPLETED}:
             state = StepStates.COMPLETED
         elif StepStates.FAILED in states:
             state = StepStates.FAILED
         else:
             state = StepStates.CANCELED
-        self.finish(step, state, [row.result for row in items])
+        self.finish(step, state, results)
 
     def _finish_run(self) -> None:
-        failed = False
-        result: dict[str, Any] = {}
-        for name, state, step_result, sink in self.session.execute(self._sql(RUN_OUTCOME), {"run_id": self.run.id}):
-            failed = failed or state in (StepStates.FAILED, StepStates.CANCELED)
-            if sink:
-                result[name] = step_result
-        if self.run.state == RunStates.CANCELING:
-            self.run.state = RunStates.CANCELED
-        else:
-            self.run.state = RunStates.FAILED if failed else RunStates.COMPLETED
-        self._save_run(result)
-        # delivered when this transaction commits: wait_for_run wakes on it
-        self.session.execute(
-            sa.select(sa.func.pg_notify(self.wf.run_channel(self.run.id), self.run.state))
-        )
-
-    def _save_run(self, result: Any) -> None:
+        """Every step is terminal (and saved): the run's outcome and result, and its NOTIFY."""
         params = {
             "run_id": self.run.id,
-            "state": self.run.state,
             "unfinished": self.run.unfinished,
-            "result": None if result is None else _dumps(result),
+            "canceling": self.run.state == RunStates.CANCELING,
+            "channel": self.wf.run_channel(self.run.id),
         }
-        self.session.execute(self._sql(SAVE_RUN), params)
+        self.run.state = self.session.execute(self._sql(FINISH_RUN), params).scalar_one()
+        self.run_changed = False
+
+
+def _changes(step: StepRow) -> dict[str, Any]:
+    """A changed step as SAVE_STEPS takes it (without "result" if UNREAD: the stored one stays)."""
+    out = {
+        "state": step.state,
+        "job_id": step.job_id,
+        "attempts": step.attempts,
+        "waiting_on": step.waiting_on,
+        "items_left": step.items_left,
+        "queued": step.queued,
+        "finished": step.finished,
+    }
+    if step.result is not UNREAD:
+        out["result"] = step.result
+    return out
 
 
 def _dumps(value: Any) -> str:

@@ -66,7 +66,9 @@ class StepContext:
     @property
     def failed(self) -> list[str]:
         """The upstream steps that failed or were canceled."""
-        return [name for name, up in self.upstream.items() if up.state in (StepStates.FAILED, StepStates.CANCELED)]
+        return [
+            name for name, up in self.upstream.items() if up.state in (StepStates.FAILED, StepStates.CANCELED)
+        ]
 
 
 def context(job: Any) -> StepContext:
@@ -77,13 +79,18 @@ def context(job: Any) -> StepContext:
     trace = getattr(job, "trace", None)
     ctx = trace.get(TRACE_KEY) if isinstance(trace, dict) else None
     if not isinstance(ctx, dict) or "run_id" not in ctx:
-        raise ValueError(f"job {getattr(job, 'id', '?')} is not a workflow step (no workflow context in its trace)")
+        raise ValueError(
+            f"job {getattr(job, 'id', '?')} is not a workflow step (no workflow context in its trace)"
+        )
     return StepContext(
         run_id=ctx["run_id"],
         workflow=ctx["workflow"],
         step=ctx["step"],
         run_args=ctx.get("run_args") or {},
-        upstream={name: UpstreamResult(up["state"], up.get("result")) for name, up in ctx.get("upstream", {}).items()},
+        upstream={
+            name: UpstreamResult(up["state"], up.get("result"))
+            for name, up in ctx.get("upstream", {}).items()
+        },
         index=ctx.get("index"),
         item=ctx.get("item"),
     )

@@ -73,12 +73,19 @@ class WorkflowCoordinator:
                 return {"run_id": run_id, "state": run.state, "changed": 0, "enqueued": 0}
             advancer = RunAdvancer(session, self.model, self.workflow_model, run)
             # collapsed callbacks: every step job that finished since the last advance
-            recorded = MQSource(dbsession=session, model=self.model).take_finished_jobs(run_cursor_key(run_id))
+            recorded = MQSource(dbsession=session, model=self.model).take_finished_jobs(
+                run_cursor_key(run_id)
+            )
             changed = advancer.finish_jobs(sorted(set(finished_jobs) | set(recorded)))
             if reconcile:
                 changed += advancer.reconcile()
             advancer.save()
-            summary = {"run_id": run_id, "state": run.state, "changed": changed, "enqueued": advancer.enqueued}
+            summary = {
+                "run_id": run_id,
+                "state": run.state,
+                "changed": changed,
+                "enqueued": advancer.enqueued,
+            }
         log.debug("advanced run %s: %s", run_id, summary)
         return summary
 

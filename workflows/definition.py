@@ -76,18 +76,26 @@ class Step:
             raise WorkflowDefinitionError(f"a step name must be a non-empty string, got {self.name!r}")
         if "[" in self.name or "]" in self.name:
             # "step[3]" names the items of a mapped step
-            raise WorkflowDefinitionError(f"step {self.name!r}: names may not contain '[' or ']'", [self.name])
+            raise WorkflowDefinitionError(
+                f"step {self.name!r}: names may not contain '[' or ']'", [self.name]
+            )
         for what in ("queue", "method"):
             value = getattr(self, what)
             if not isinstance(value, str) or not value:
-                raise WorkflowDefinitionError(f"step {self.name!r}: {what} must be a non-empty string", [self.name])
+                raise WorkflowDefinitionError(
+                    f"step {self.name!r}: {what} must be a non-empty string", [self.name]
+                )
         if not isinstance(self.args, dict):
             raise WorkflowDefinitionError(f"step {self.name!r}: args must be a dict", [self.name])
         try:
             json.dumps(self.args, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise WorkflowDefinitionError(f"step {self.name!r}: args must be JSON: {exc}", [self.name]) from None
-        after = tuple(_step_name(dep) for dep in ([self.after] if isinstance(self.after, str) else self.after))
+            raise WorkflowDefinitionError(
+                f"step {self.name!r}: args must be JSON: {exc}", [self.name]
+            ) from None
+        after = tuple(
+            _step_name(dep) for dep in ([self.after] if isinstance(self.after, str) else self.after)
+        )
         if self.map_over is not None:
             if self.max_items is None or self.max_items < 1:
                 raise WorkflowDefinitionError(
@@ -96,9 +104,13 @@ class Step:
             if self.map_over not in after:
                 after = (*after, self.map_over)
         elif self.max_items is not None:
-            raise WorkflowDefinitionError(f"step {self.name!r}: max_items only applies with map_over", [self.name])
+            raise WorkflowDefinitionError(
+                f"step {self.name!r}: max_items only applies with map_over", [self.name]
+            )
         if len(set(after)) != len(after):
-            raise WorkflowDefinitionError(f"step {self.name!r} lists a dependency twice: {list(after)}", [self.name])
+            raise WorkflowDefinitionError(
+                f"step {self.name!r} lists a dependency twice: {list(after)}", [self.name]
+            )
         if self.name in after:
             raise WorkflowDefinitionError(f"step {self.name!r} depends on itself", [self.name])
         object.__setattr__(self, "after", after)
@@ -160,11 +172,11 @@ class Workflow:
         ``cursor_key``, ``retries``, ``retry_delay``, ``map_over``, ``max_items``).
         """
         deps = (after,) if isinstance(after, str | Step) else tuple(after)
-        step = Step(
-            name, queue, method, dict(args or {}), tuple(_step_name(d) for d in deps), **options
-        )
+        step = Step(name, queue, method, dict(args or {}), tuple(_step_name(d) for d in deps), **options)
         if step.name in self._steps:
-            raise WorkflowDefinitionError(f"workflow {self.name!r}: duplicate step name {step.name!r}", [step.name])
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r}: duplicate step name {step.name!r}", [step.name]
+            )
         unknown = [d for d in step.after if d not in self._steps]
         if unknown:
             raise WorkflowDefinitionError(
@@ -175,7 +187,9 @@ class Workflow:
         self._steps[step.name] = step
         return step
 
-    def include(self, steps: Iterable[Step] | Workflow, *, prefix: str = "", after: Iterable[str | Step] = ()) -> list[Step]:
+    def include(
+        self, steps: Iterable[Step] | Workflow, *, prefix: str = "", after: Iterable[str | Step] = ()
+    ) -> list[Step]:
         """Add a copy of ``steps`` (a fragment or another workflow); return the copies.
 
         Every name and internal dependency gets ``prefix``; the fragment's roots
@@ -242,7 +256,9 @@ class Workflow:
             if not isinstance(s, Step):
                 raise WorkflowDefinitionError(f"workflow {self.name!r}: expected Step objects, got {s!r}")
             if s.name in merged:
-                raise WorkflowDefinitionError(f"workflow {self.name!r}: duplicate step name {s.name!r}", [s.name])
+                raise WorkflowDefinitionError(
+                    f"workflow {self.name!r}: duplicate step name {s.name!r}", [s.name]
+                )
             merged[s.name] = s
         _validate(self.name, merged)
         self._steps = merged
@@ -252,7 +268,9 @@ def _validate(workflow: str, steps: dict[str, Step]) -> None:
     unknown = {s.name: [d for d in s.after if d not in steps] for s in steps.values()}
     unknown = {name: deps for name, deps in unknown.items() if deps}
     if unknown:
-        detail = "; ".join(f"{name!r} depends on {', '.join(map(repr, deps))}" for name, deps in unknown.items())
+        detail = "; ".join(
+            f"{name!r} depends on {', '.join(map(repr, deps))}" for name, deps in unknown.items()
+        )
         offending = [n for name, deps in unknown.items() for n in (name, *deps)]
         raise WorkflowDefinitionError(f"workflow {workflow!r}: unknown dependencies: {detail}", offending)
     g = nx.DiGraph()

@@ -116,7 +116,9 @@ def make_workflow_model(metadata: sa.MetaData) -> WorkflowModel:
         sa.Column("finished_time", tstz, nullable=True),
         sa.PrimaryKeyConstraint("run_id", "name", name=conv("wf_step_pkey")),
         sa.CheckConstraint(f"state IN ({_sql_list(StepStates.STORED)})", name=conv("ck_wf_step_state")),
-        sa.Index(conv("uq_wf_step_job"), "job_id", unique=True, postgresql_where=sa.text("job_id IS NOT NULL")),
+        sa.Index(
+            conv("uq_wf_step_job"), "job_id", unique=True, postgresql_where=sa.text("job_id IS NOT NULL")
+        ),
         sa.Index(
             conv("ix_wf_step_parent"), "run_id", "parent", postgresql_where=sa.text("parent IS NOT NULL")
         ),

@@ -57,7 +57,9 @@ def to_dot(status: RunStatus) -> str:
     steps = _declared(status)
     for s in steps:
         color = STATE_COLORS.get(s.state, "#ffffff")
-        lines.append(f"  {_dot_quote(s.name)} [label={_dot_quote(_label(s, items))}, fillcolor={_dot_quote(color)}];")
+        lines.append(
+            f"  {_dot_quote(s.name)} [label={_dot_quote(_label(s, items))}, fillcolor={_dot_quote(color)}];"
+        )
     for s in steps:
         for dep in s.after:
             lines.append(f"  {_dot_quote(dep)} -> {_dot_quote(s.name)};")

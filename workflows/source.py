@@ -96,7 +96,9 @@ class WorkflowSource:
             unfinished=len(steps),
         )
         if key is not None:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["workflow", "key"], index_where=sa.text("key IS NOT NULL"))
+            stmt = stmt.on_conflict_do_nothing(
+                index_elements=["workflow", "key"], index_where=sa.text("key IS NOT NULL")
+            )
         run_id = self.dbsession.execute(stmt.returning(run.c.id)).scalar()
         if run_id is None:
             # the key exists (or its first start committed while we waited on it)
@@ -144,7 +146,10 @@ class WorkflowSource:
         ).all()
         specs = {s["name"]: s for s in row.definition["steps"]}
         order = {name: i for i, name in enumerate(specs)}
-        rows = sorted(rows, key=lambda r: (order.get(r.parent or r.name, 0), r.item_index is not None, r.item_index or 0))
+        rows = sorted(
+            rows,
+            key=lambda r: (order.get(r.parent or r.name, 0), r.item_index is not None, r.item_index or 0),
+        )
         running_items: set[str] = set()
         item_starts: dict[str, list[Any]] = {}
         for r in rows:
@@ -196,7 +201,11 @@ class WorkflowSource:
         )
 
     def list_runs(
-        self, *, workflow: str | None = None, state: str | Iterable[str] | None = None, limit: int | None = 100
+        self,
+        *,
+        workflow: str | None = None,
+        state: str | Iterable[str] | None = None,
+        limit: int | None = 100,
     ) -> list[RunSummary]:
         """Runs matching the filters, newest first."""
         run = self.workflow_model.run_table
@@ -286,7 +295,9 @@ class WorkflowSource:
         if target is None or target.parent is not None:
             raise InvalidStepStateError(f"run {run_id} has no step {step!r}")
         if target.state not in (StepStates.FAILED, StepStates.CANCELED):
-            raise InvalidStepStateError(f"step {step!r} of run {run_id} is {target.state}, not failed or canceled")
+            raise InvalidStepStateError(
+                f"step {step!r} of run {run_id} is {target.state}, not failed or canceled"
+            )
         # the steps downstream that were decided because of it wait for it again
         resettable = StepStates.TERMINAL if rerun_downstream else (StepStates.SKIPPED,)
         reset: dict[str, StepRow] = {}

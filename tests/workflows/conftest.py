@@ -46,7 +46,12 @@ def workers(
 
     def start(queues: dict[str, Any], threads: int = 2, **kwargs: Any) -> AbstractContextManager[Any]:
         return running_worker(
-            engine, model, {"workflows": coordinator, **queues}, threads=threads, maintenance_interval=0.5, **kwargs
+            engine,
+            model,
+            {"workflows": coordinator, **queues},
+            threads=threads,
+            maintenance_interval=0.5,
+            **kwargs,
         )
 
     return start

@@ -29,7 +29,13 @@ class StepQueue:
     def execute_job(self, job: Any) -> Any:
         ctx = context(job)
         key = (ctx.run_id, ctx.step if ctx.index is None else f"{ctx.step}[{ctx.index}]")
-        record = {"job_id": job.id, "run_id": ctx.run_id, "step": key[1], "context": ctx, "start": time.monotonic()}
+        record = {
+            "job_id": job.id,
+            "run_id": ctx.run_id,
+            "step": key[1],
+            "context": ctx,
+            "start": time.monotonic(),
+        }
         with self.lock:
             self.attempts[key] = self.attempts.get(key, 0) + 1
             attempt = self.attempts[key]

@@ -33,7 +33,11 @@ def finish_pending_step_jobs(engine, model, run_id: int, limit: int | None = Non
     with Session(engine) as session, session.begin():
         query = (
             sa.select(job.id)
-            .where(job.queue == "steps", job.state == "pending", job.trace["workflow"]["run_id"].astext == str(run_id))
+            .where(
+                job.queue == "steps",
+                job.state == "pending",
+                job.trace["workflow"]["run_id"].astext == str(run_id),
+            )
             .order_by(job.id)
         )
         ids = list(session.scalars(query.limit(limit)))
@@ -43,15 +47,26 @@ def finish_pending_step_jobs(engine, model, run_id: int, limit: int | None = Non
 
 
 def chain(n: int) -> Workflow:
-    return Workflow("chain", [Step(f"s{i}", "steps", "run", after=(f"s{i - 1}",) if i else ()) for i in range(n)])
+    return Workflow(
+        "chain", [Step(f"s{i}", "steps", "run", after=(f"s{i - 1}",) if i else ()) for i in range(n)]
+    )
 
 
 def fan(n: int) -> Workflow:
     middle = [Step(f"m{i}", "steps", "run", after=("root",)) for i in range(n)]
-    return Workflow("fan", [Step("root", "steps", "run"), *middle, Step("sink", "steps", "run", after=tuple(s.name for s in middle))])
+    return Workflow(
+        "fan",
+        [
+            Step("root", "steps", "run"),
+            *middle,
+            Step("sink", "steps", "run", after=tuple(s.name for s in middle)),
+        ],
+    )
 
 
-def advance_cost(engine, model, coordinator, wf_session, workflow, advances: int, per_advance: int = 1) -> list[dict]:
+def advance_cost(
+    engine, model, coordinator, wf_session, workflow, advances: int, per_advance: int = 1
+) -> list[dict]:
     with wf_session() as wf:
         run_id = wf.start(workflow)
     costs = []

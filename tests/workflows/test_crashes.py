@@ -58,7 +58,9 @@ def jobs_of(engine, model, queue: str) -> list:
 
 def worker_registered(engine, model, name: str) -> bool:
     with Session(engine) as session:
-        return session.execute(sa.select(model.Worker.id).where(model.Worker.name == name)).first() is not None
+        return (
+            session.execute(sa.select(model.Worker.id).where(model.Worker.name == name)).first() is not None
+        )
 
 
 def chain() -> Workflow:
@@ -119,8 +121,9 @@ def test_worker_killed_while_running_a_coordinator(engine, model, coordinator, w
     if recovery != "retry_job":
         workflow = Workflow("crash", [*workflow.steps, Step("side", "steps", "run", args={"sleep": 1.0})])
     queue = StepQueue()
-    with hanging_worker(engine, "workflows") as proc, running_worker(
-        engine, model, {"steps": queue}, maintenance_interval=0.2
+    with (
+        hanging_worker(engine, "workflows") as proc,
+        running_worker(engine, model, {"steps": queue}, maintenance_interval=0.2),
     ):
         wait_until(lambda: worker_registered(engine, model, "crash-workflows"))
         with wf_session() as wf:
@@ -133,7 +136,9 @@ def test_worker_killed_while_running_a_coordinator(engine, model, coordinator, w
         kill(proc)
         wait_until(lambda: fetch_job(engine, model, lost.id).state == JobStates.LOST)
         if recovery != "retry_job":
-            wait_until(lambda: [j for j in jobs_of(engine, model, "workflows") if j.state == JobStates.PENDING])
+            wait_until(
+                lambda: [j for j in jobs_of(engine, model, "workflows") if j.state == JobStates.PENDING]
+            )
         with Session(engine) as session, session.begin():
             mq = MQSource(dbsession=session, model=model)
             if recovery.startswith("retry_job"):

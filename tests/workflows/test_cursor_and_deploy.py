@@ -47,7 +47,9 @@ def test_steps_with_a_cursor_key_are_serialized_per_entity_across_runs(wf_sessio
     assert {s.state for s in statuses} == {RunStates.COMPLETED}
     for intervals in customers.intervals.values():
         intervals.sort()
-        assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:], strict=False)), "overlap on one customer"
+        assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:], strict=False)), (
+            "overlap on one customer"
+        )
     with Session(engine) as session:
         mq = MQSource(dbsession=session, model=model)
         c42, c7 = mq.get_cursor("customer:42"), mq.get_cursor("customer:7")
@@ -60,7 +62,9 @@ def test_steps_with_a_cursor_key_are_serialized_per_entity_across_runs(wf_sessio
 def test_a_run_follows_its_snapshot_after_the_code_changed(wf_session, workers):
     from .steps import StepQueue
 
-    v1 = Workflow("deploy", [Step("a", "steps", "run"), Step("b", "steps", "run", after=("a",), args={"return": "v1"})])
+    v1 = Workflow(
+        "deploy", [Step("a", "steps", "run"), Step("b", "steps", "run", after=("a",), args={"return": "v1"})]
+    )
     with wf_session() as wf:
         run_id = wf.start(v1)
     # the deploy: same workflow name, different steps, before the run advanced

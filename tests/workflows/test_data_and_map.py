@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
 from workflows import RunStates, Step, Workflow
 
 from .steps import StepQueue
@@ -49,7 +52,9 @@ def test_retries_from_the_definition(wf_session, workers):
     status, _ = run_to_end(wf_session, workers, wf_def)
     assert status.state == RunStates.COMPLETED
     assert status.step("a").attempts == 3
-    wf_def = Workflow("flakier", [Step("a", "steps", "run", args={"fail_attempts": 5}, retries=1, retry_delay=0.05)])
+    wf_def = Workflow(
+        "flakier", [Step("a", "steps", "run", args={"fail_attempts": 5}, retries=1, retry_delay=0.05)]
+    )
     status, _ = run_to_end(wf_session, workers, wf_def)
     assert status.state == RunStates.FAILED and status.step("a").attempts == 2
 
@@ -59,7 +64,14 @@ def mapping(items, max_items=5, each_args=None, report_rule="all_success") -> Wo
         "map",
         [
             Step("list", "steps", "run", args={"return": items}),
-            Step("each", "steps", "run", args=each_args or {"return_item": True}, map_over="list", max_items=max_items),
+            Step(
+                "each",
+                "steps",
+                "run",
+                args=each_args or {"return_item": True},
+                map_over="list",
+                max_items=max_items,
+            ),
             Step("report", "steps", "run", after=("each",), trigger_rule=report_rule),
         ],
     )
@@ -72,7 +84,9 @@ def test_map_runs_one_job_per_item_and_fans_in(wf_session, workers):
     assert [s.name for s in status.steps if s.parent == "each"] == ["each[0]", "each[1]", "each[2]"]
     (report,) = [r for r in queue.executions if r["step"] == "report"]
     assert report["context"].result("each") == [{"item": "a"}, {"item": "b"}, {"item": "c"}]
-    items = sorted((r["context"].index, r["context"].item) for r in queue.executions if r["step"].startswith("each["))
+    items = sorted(
+        (r["context"].index, r["context"].item) for r in queue.executions if r["step"].startswith("each[")
+    )
     assert items == [(0, "a"), (1, "b"), (2, "c")]
 
 
@@ -81,7 +95,10 @@ def test_map_over_more_than_max_items_fails_the_step(wf_session, workers):
     assert status.state == RunStates.FAILED
     assert status.states == {"list": "completed", "each": "failed", "report": "skipped"}
     assert status.step("each").error["type"] == "MaxItemsExceeded"
-    assert "6 items" in status.step("each").error["message"] and "max_items=5" in status.step("each").error["message"]
+    assert (
+        "6 items" in status.step("each").error["message"]
+        and "max_items=5" in status.step("each").error["message"]
+    )
     assert not [r for r in queue.executions if r["step"].startswith("each")]
 
 
@@ -107,3 +124,94 @@ def test_a_failed_item_fails_the_mapped_step(wf_session, workers):
     (report,) = [r for r in queue.executions if r["step"] == "report"]
     assert report["context"].upstream["each"].state == "failed"
     assert report["context"].result("each") == [{"failed": "each[0]"}, {"failed": "each[1]"}]
+
+
+def finish_by_hand(engine, model, outcomes: dict[str, tuple[str, object]]) -> list[int]:
+    """Finish the pending step jobs named in ``outcomes`` ({step: (state, result)}), as a worker would."""
+    job = model.Job
+    step = job.trace["workflow"]
+    name = sa.func.coalesce(step["item_step"].astext, step["step"].astext)
+    with Session(engine) as session, session.begin():
+        rows = session.execute(
+            sa.select(job.id, name).where(job.queue == "steps", job.state == "pending", name.in_(outcomes))
+        ).all()
+        assert sorted(n for _, n in rows) == sorted(outcomes)
+        for job_id, n in rows:
+            state, result = outcomes[n]
+            session.execute(sa.update(job).where(job.id == job_id).values(state="running"))
+            session.execute(sa.update(job).where(job.id == job_id).values(state=state, result=result))
+    return [job_id for job_id, _ in rows]
+
+
+def step_rows(engine, workflow_model, run_id: int) -> dict[str, tuple]:
+    step = workflow_model.step_table
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(step.c.name, step.c.state, step.c.items_left, step.c.attempts, step.c.result).where(
+                step.c.run_id == run_id
+            )
+        ).all()
+    return {r.name: tuple(r[1:]) for r in rows}
+
+
+def test_one_advance_retries_an_item_and_counts_down_its_mapped_step(
+    engine, model, workflow_model, coordinator, wf_session
+):
+    # one advance records a failed item (retried: its mapped step's row is read
+    # for the retry) and a completed one (counting down that row in memory)
+    wf_def = Workflow(
+        "map-retry",
+        [
+            Step("list", "steps", "run"),
+            Step("each", "steps", "run", map_over="list", max_items=5, retries=1),
+            Step("report", "steps", "run", after=("each",)),
+        ],
+    )
+    with wf_session() as wf:
+        run_id = wf.start(wf_def)
+    coordinator.advance(run_id, finish_by_hand(engine, model, {"list": ("completed", ["x", "y", "z"])}))
+    outcomes = {"each[0]": ("failed", {"error": "boom"}), "each[1]": ("completed", "y!")}
+    summary = coordinator.advance(run_id, finish_by_hand(engine, model, outcomes))
+    assert (summary["changed"], summary["enqueued"]) == (2, 1)
+    rows = step_rows(engine, workflow_model, run_id)
+    assert rows["each"] == ("queued", 2, 1, None)
+    assert rows["each[0]"] == ("queued", None, 2, None)
+    assert rows["each[1]"] == ("completed", None, 1, "y!")
+    coordinator.advance(
+        run_id,
+        finish_by_hand(engine, model, {"each[0]": ("completed", "x!"), "each[2]": ("completed", "z!")}),
+    )
+    with wf_session() as wf:
+        status = wf.get_run(run_id)
+    assert status.states == {"list": "completed", "each": "completed", "report": "queued"}
+    assert status.step("each").result == ["x!", "y!", "z!"]
+    job = model.Job
+    with Session(engine) as session:
+        (trace,) = session.scalars(
+            sa.select(job.trace).where(job.trace["workflow"]["step"].astext == "report")
+        )
+    assert trace["workflow"]["upstream"] == {"each": {"state": "completed", "result": ["x!", "y!", "z!"]}}
+
+
+def test_a_fan_in_sees_results_recorded_now_and_before(engine, model, coordinator, wf_session):
+    # "join" is decided by the advance that records "b": b's outcome is in that
+    # advance's memory, a's was stored by an earlier advance
+    wf_def = Workflow(
+        "join",
+        [
+            Step("a", "steps", "run"),
+            Step("b", "steps", "run"),
+            Step("join", "steps", "run", after=("a", "b"), trigger_rule="all_done"),
+        ],
+    )
+    with wf_session() as wf:
+        run_id = wf.start(wf_def)
+    coordinator.advance(run_id, finish_by_hand(engine, model, {"a": ("completed", {"rows": 1})}))
+    coordinator.advance(run_id, finish_by_hand(engine, model, {"b": ("failed", {"error": "b"})}))
+    job = model.Job
+    with Session(engine) as session:
+        (trace,) = session.scalars(sa.select(job.trace).where(job.trace["workflow"]["step"].astext == "join"))
+    assert trace["workflow"]["upstream"] == {
+        "a": {"state": "completed", "result": {"rows": 1}},
+        "b": {"state": "failed", "result": {"error": "b"}},
+    }

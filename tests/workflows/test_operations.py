@@ -18,7 +18,9 @@ from .steps import StepQueue
 def chain(*names: str, **step_args) -> Workflow:
     steps = []
     for i, name in enumerate(names):
-        steps.append(Step(name, "steps", "run", args=step_args.get(name, {}), after=(names[i - 1],) if i else ()))
+        steps.append(
+            Step(name, "steps", "run", args=step_args.get(name, {}), after=(names[i - 1],) if i else ())
+        )
     return Workflow("chain", steps)
 
 
@@ -143,7 +145,14 @@ def test_retry_a_mapped_step_reruns_only_failed_items(wf_session, workers):
         "map-retry",
         [
             Step("list", "steps", "run", args={"return": [1, 2, 3]}),
-            Step("each", "steps", "run", args={"fail_attempts": 1, "return_item": True}, map_over="list", max_items=3),
+            Step(
+                "each",
+                "steps",
+                "run",
+                args={"fail_attempts": 1, "return_item": True},
+                map_over="list",
+                max_items=3,
+            ),
         ],
     )
     queue = StepQueue()
@@ -168,7 +177,9 @@ def test_reconcile_recovers_an_advance_that_was_never_recorded(wf_session, worke
     with Session(engine) as session, session.begin():
         job = model.Job
         session.execute(sa.update(job).where(job.queue == "steps").values(state="running"))
-        session.execute(sa.update(job).where(job.queue == "steps").values(state="completed", result={"ok": 1}))
+        session.execute(
+            sa.update(job).where(job.queue == "steps").values(state="completed", result={"ok": 1})
+        )
         session.execute(sa.delete(job).where(job.queue == "workflows"))
     with wf_session() as wf:
         assert wf.get_run(run_id).states == {"a": "queued", "b": "waiting"}
@@ -291,7 +302,15 @@ def test_cancel_a_run_while_map_items_are_pending(wf_session, workers):
         [
             Step("list", "steps", "run", args={"return": list(range(6))}),
             # one cursor for all items: they run one at a time, the rest stay pending
-            Step("each", "steps", "run", args={"sleep": 0.3}, map_over="list", max_items=10, cursor_key="one-by-one"),
+            Step(
+                "each",
+                "steps",
+                "run",
+                args={"sleep": 0.3},
+                map_over="list",
+                max_items=10,
+                cursor_key="one-by-one",
+            ),
             Step("after", "steps", "run", after=("each",), trigger_rule="all_done"),
         ],
     )
@@ -339,3 +358,34 @@ def test_reconcile_leaves_a_step_whose_lost_job_was_retried_in_flight(wf_session
         status = wf.get_run(run_id)
     assert status.states == {"a": "completed", "b": "queued"}
     assert status.step("a").attempts == 2 and status.step("a").job_id == copy
+
+
+def test_retry_step_reopens_a_finished_run(wf_session, engine, model, coordinator):
+    # a failed run that runs again has no outcome until it finishes again
+    with wf_session() as wf:
+        run_id = wf.start(chain("a"))
+    job = model.Job
+
+    def finish_a(state: str, result) -> int:
+        with Session(engine) as session, session.begin():
+            job_id = session.scalars(
+                sa.select(job.id).where(job.queue == "steps", job.state == "pending")
+            ).one()
+            session.execute(sa.update(job).where(job.id == job_id).values(state="running"))
+            session.execute(sa.update(job).where(job.id == job_id).values(state=state, result=result))
+        return job_id
+
+    coordinator.advance(run_id, [finish_a("failed", {"error": "a"})])
+    with wf_session() as wf:
+        failed = wf.get_run(run_id)
+        wf.retry_step(run_id, "a")
+    assert failed.state == RunStates.FAILED and failed.result == {"a": {"error": "a"}}
+    assert failed.finished_time is not None
+    with wf_session() as wf:
+        again = wf.get_run(run_id)
+    assert (again.state, again.result, again.finished_time) == (RunStates.RUNNING, None, None)
+    coordinator.advance(run_id, [finish_a("completed", {"ok": 2})])
+    with wf_session() as wf:
+        done = wf.get_run(run_id)
+    assert done.state == RunStates.COMPLETED and done.result == {"a": {"ok": 2}}
+    assert done.finished_time is not None

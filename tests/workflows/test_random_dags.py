@@ -103,11 +103,21 @@ class RecordingCoordinator:
 
 
 @given(steps=dags(), threads=st.integers(2, 4))
-def test_random_dag_runs_end_as_the_oracle_says(engine, model, workflow_model, coordinator, wf_session, steps, threads):
+def test_random_dag_runs_end_as_the_oracle_says(
+    engine, model, workflow_model, coordinator, wf_session, steps, threads
+):
     workflow = Workflow(
         "random",
         [
-            Step(s["name"], "steps", "run", args=step_args(s), after=tuple(s["after"]), trigger_rule=s["rule"], retries=s["retries"])
+            Step(
+                s["name"],
+                "steps",
+                "run",
+                args=step_args(s),
+                after=tuple(s["after"]),
+                trigger_rule=s["rule"],
+                retries=s["retries"],
+            )
             for s in steps
         ],
     )
@@ -129,8 +139,9 @@ def test_random_dag_runs_end_as_the_oracle_says(engine, model, workflow_model, c
 
         with Session(engine) as session:
             jobs = session.execute(
-                sa.select(job.c.id, job.c.trace["workflow"]["step"].astext, job.c.start_time, job.c.end_time)
-                .where(job.c.queue == "steps", job.c.trace["workflow"]["run_id"].astext == str(status.id))
+                sa.select(
+                    job.c.id, job.c.trace["workflow"]["step"].astext, job.c.start_time, job.c.end_time
+                ).where(job.c.queue == "steps", job.c.trace["workflow"]["run_id"].astext == str(status.id))
             ).all()
         by_step: dict[str, list[Any]] = {}
         for row in jobs:
@@ -147,7 +158,9 @@ def test_random_dag_runs_end_as_the_oracle_says(engine, model, workflow_model, c
             for dep in s["after"]:
                 for upstream in by_step.get(dep, []):
                     assert upstream.end_time <= started, (s["name"], dep)
-        assert sorted(queue.steps_run(status.id)) == sorted(name for name, rows in by_step.items() for _ in rows)
+        assert sorted(queue.steps_run(status.id)) == sorted(
+            name for name, rows in by_step.items() for _ in rows
+        )
 
         # coordinators of one run never overlapped
         intervals = sorted(recorder.intervals.get(status.id, []))

@@ -10,13 +10,62 @@ C, F, S, X = "completed", "failed", "skipped", "canceled"
 
 CASES = {
     # upstream states: expected decision per rule
-    (C, C): {"all_success": True, "all_done": True, "one_success": True, "one_failed": False, "none_failed": True, "always": True},
-    (C, F): {"all_success": False, "all_done": True, "one_success": True, "one_failed": True, "none_failed": False, "always": True},
-    (F, F): {"all_success": False, "all_done": True, "one_success": False, "one_failed": True, "none_failed": False, "always": True},
-    (C, S): {"all_success": False, "all_done": True, "one_success": True, "one_failed": False, "none_failed": True, "always": True},
-    (S, S): {"all_success": False, "all_done": True, "one_success": False, "one_failed": False, "none_failed": True, "always": True},
-    (F, S): {"all_success": False, "all_done": True, "one_success": False, "one_failed": True, "none_failed": False, "always": True},
-    (C, X): {"all_success": False, "all_done": True, "one_success": True, "one_failed": True, "none_failed": False, "always": True},
+    (C, C): {
+        "all_success": True,
+        "all_done": True,
+        "one_success": True,
+        "one_failed": False,
+        "none_failed": True,
+        "always": True,
+    },
+    (C, F): {
+        "all_success": False,
+        "all_done": True,
+        "one_success": True,
+        "one_failed": True,
+        "none_failed": False,
+        "always": True,
+    },
+    (F, F): {
+        "all_success": False,
+        "all_done": True,
+        "one_success": False,
+        "one_failed": True,
+        "none_failed": False,
+        "always": True,
+    },
+    (C, S): {
+        "all_success": False,
+        "all_done": True,
+        "one_success": True,
+        "one_failed": False,
+        "none_failed": True,
+        "always": True,
+    },
+    (S, S): {
+        "all_success": False,
+        "all_done": True,
+        "one_success": False,
+        "one_failed": False,
+        "none_failed": True,
+        "always": True,
+    },
+    (F, S): {
+        "all_success": False,
+        "all_done": True,
+        "one_success": False,
+        "one_failed": True,
+        "none_failed": False,
+        "always": True,
+    },
+    (C, X): {
+        "all_success": False,
+        "all_done": True,
+        "one_success": True,
+        "one_failed": True,
+        "none_failed": False,
+        "always": True,
+    },
 }
 
 

@@ -30,7 +30,9 @@ def test_diamond_completes_in_order(wf_session, workers):
     assert status.states == {"a": "completed", "b": "completed", "c": "completed", "d": "completed"}
     order = queue.steps_run(run_id)
     assert order[0] == "a" and order[-1] == "d"
-    assert status.result == {"d": {"step": "d", "upstream": {"b": status.step("b").result, "c": status.step("c").result}}}
+    assert status.result == {
+        "d": {"step": "d", "upstream": {"b": status.step("b").result, "c": status.step("c").result}}
+    }
     assert all(s.attempts == 1 and s.start_time and s.end_time for s in status.steps)
 
 
