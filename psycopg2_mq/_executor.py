@@ -63,6 +63,18 @@ class Outcome:
     extra_attempts: int = 0
 
 
+def connection_failed(conn: Any, exc: psycopg2.Error) -> bool:
+    """Whether ``exc`` means ``conn`` is gone (rather than a statement refused).
+
+    A connection that died mid-statement may raise a bare ``DatabaseError``
+    without an SQLSTATE ("server closed the connection unexpectedly", seen when
+    PostgreSQL crashed) and leave ``closed`` at 0.
+    """
+    if conn is None or conn.closed:
+        return True
+    return type(exc) is psycopg2.DatabaseError and exc.pgcode is None
+
+
 def error_result(exc: BaseException) -> dict[str, Any]:
     """The structured result stored for a job that raised ``exc``."""
     kind = type(exc)
@@ -363,7 +375,11 @@ class ExecutorPool:
                 with conn.cursor() as cur:
                     cur.execute(sql, params)
                     return cur.fetchone(), conn
-            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            except psycopg2.Error as exc:
+                if not (
+                    connection_failed(conn, exc) or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+                ):
+                    raise
                 if conn is not None:
                     conn.close()
                 conn = None

@@ -27,7 +27,7 @@ import psycopg2.errors
 import sqlalchemy as sa
 
 from . import _claim, _liveness, _maintenance, _notify
-from ._executor import ExecutorPool
+from ._executor import ExecutorPool, connection_failed
 from ._queries import Queries
 from .model import Model
 from .policy import DEFAULT_POLICY, JobPolicy
@@ -198,7 +198,7 @@ class MQWorker:
                 delay = 0.1
                 self._dispatch()
             except psycopg2.Error as exc:
-                if self._conn is not None and not self._conn.closed:
+                if not connection_failed(self._conn, exc):
                     # a statement failed but the connection, and so our lock, is
                     # fine: keep both rather than let our jobs look abandoned,
                     # and never let bad data end the worker
