@@ -18,26 +18,18 @@ CLAIM_RETRIES = 5
 CURSOR_KEY, CURSOR = 4, 8
 
 
-#: the claim's parameters, in the order of PREPARE_CLAIM's $n
-_CLAIM_PARAMS = ("queues", "limit", "worker_id", "policies", "lock_class")
-_CLAIM_TYPES = ("text[]", "integer", "integer", "text", "integer")
-
-
 def prepare(conn: Any, queries: Queries) -> None:
     """Prepare the claim on the dispatcher's own connection.
 
     The claim is a large statement: parsing it on every wake-up costs more than
     running it. Prepared once per connection, a claim is one short EXECUTE.
     """
-    sql = queries.claim_jobs
-    for n, name in enumerate(_CLAIM_PARAMS, start=1):
-        sql = sql.replace(f"%({name})s", f"${n}")
     # The generic plan: planning the claim for its parameters took longer than
     # running it, and PostgreSQL's own choice keeps re-planning it. The plan is
     # the same whatever the parameters (the claim index in order, the primary
     # key for the update); see CLAIM_JOBS.
     with conn.cursor() as cur:
-        cur.execute(f"PREPARE mq_claim_jobs ({', '.join(_CLAIM_TYPES)}) AS {sql}".replace("%%", "%"))
+        cur.execute(queries.claim_jobs_prepared.prepare)
         cur.execute("SET plan_cache_mode = force_generic_plan")
 
 
@@ -73,8 +65,7 @@ def claim_jobs(
         try:
             with conn.cursor() as cur:
                 if prepared:
-                    placeholders = ", ".join(f"%({name})s" for name in _CLAIM_PARAMS)
-                    cur.execute(f"EXECUTE mq_claim_jobs ({placeholders})", params)
+                    cur.execute(queries.claim_jobs_prepared.execute, params)
                 else:
                     cur.execute(queries.claim_jobs, params)
                 rows = cur.fetchall()

@@ -11,13 +11,14 @@ claim's attempt number, so it lands only if the job is still ours.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue as queue_module
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ import psycopg2
 import psycopg2.errors
 
 from . import _json
+from ._claim import CURSOR
 from ._queries import Queries
 from .errors import FailedJobError, RetryJob
 from .job import Job
@@ -46,6 +48,9 @@ _REFUSED = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.InternalError,
 
 #: pseudo-state of an Outcome: the attempt failed and the job goes back to pending
 RETRY = "retry"
+
+#: columns in a claimed row (CLAIM_JOBS' RETURNING)
+CLAIMED_COLUMNS = 12
 
 
 @dataclass
@@ -167,7 +172,11 @@ class ExecutorPool:
         handlers: Mapping[str, Any],
         on_idle: Callable[[], None],
         name: str,
+        handing_over: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
+        """``handing_over()``: the parameters with which the completer may claim the
+        next job of a finished job's cursor (``FINISH_JOB_HANDING_OVER``:
+        queues, worker_id, lock_class, policies), or None for not now."""
         self._connect = connect
         self._queries = queries
         self._handlers = handlers
@@ -181,7 +190,14 @@ class ExecutorPool:
         #: moving average of how long a job runs, for sizing the prefetch
         self.mean_run_seconds: float | None = None
         self.running: dict[int, Job] = {}
-        self.counts = {JobStates.COMPLETED: 0, JobStates.FAILED: 0, RETRY: 0, "discarded": 0}
+        self.counts = {JobStates.COMPLETED: 0, JobStates.FAILED: 0, RETRY: 0, "discarded": 0, "handed_over": 0}
+        self._handing_over = handing_over
+        #: held while the completer claims (a hand-over) and while maintenance
+        #: looks for orphans, so that it never sees a claim of ours half-taken
+        self._claim_lock = threading.Lock()
+        self._accepting = True
+        #: the completer's connection on which the hand-over is prepared
+        self._prepared_on: Any = None
         self._threads = [
             threading.Thread(target=self._run_loop, name=f"{name}-exec-{i}", daemon=True) for i in range(threads)
         ]
@@ -200,6 +216,17 @@ class ExecutorPool:
         with self._lock:
             return sorted(self._owned)
 
+    @contextlib.contextmanager
+    def owned_while_no_claims(self) -> Iterator[list[int]]:
+        """``owned_job_ids()``, with no hand-over claim in flight until the block ends.
+
+        Maintenance releases this worker's running jobs that it does not own;
+        a job that the completer's hand-over has claimed but not yet taken in
+        must not look like one.
+        """
+        with self._claim_lock:
+            yield self.owned_job_ids()
+
     def running_job_ids(self) -> list[int]:
         with self._lock:
             return sorted(self.running)
@@ -212,6 +239,9 @@ class ExecutorPool:
 
     def stop(self) -> None:
         """Run every job handed over, write every outcome, then end the threads."""
+        with self._claim_lock:
+            # a hand-over after the threads' sentinels would never run
+            self._accepting = False
         for _ in self._threads:
             self._inbox.put(None)
         for thread in self._threads:
@@ -226,6 +256,7 @@ class ExecutorPool:
             row = self._inbox.get()
             if row is None:
                 break
+            done: tuple[Job, Outcome] | None = None
             try:
                 job, max_attempts, backoff = job_from_row(row)
                 with self._lock:
@@ -244,14 +275,18 @@ class ExecutorPool:
                         self.running.pop(job.id, None)
                         mean = self.mean_run_seconds
                         self.mean_run_seconds = took if mean is None else 0.9 * mean + 0.1 * took
-                self._outbox.put((job, outcome))
+                done = (job, outcome)
             except Exception:
                 log.exception("executor failed on job %s", row[0])
                 with self._lock:
                     self._owned.discard(row[0])
             finally:
+                # the run is over before its outcome goes out: the completer
+                # then sees this thread free and may hand it the cursor's next job
                 with self._lock:
                     self._in_flight -= 1
+                if done is not None:
+                    self._outbox.put(done)
                 self._on_idle()
 
     # -- the completer ------------------------------------------------------------
@@ -304,12 +339,60 @@ class ExecutorPool:
             "result": outcome.result_json,
             "cursor": outcome.cursor_json,
         }
+        if job.cursor_key is not None:
+            try:
+                written, conn = self._finish_handing_over(params, conn)
+            except _REFUSED as exc:
+                return self._refused(job, exc, conn)
+            if written is not None:
+                self._count([job.id] if written else [], [(job, outcome)])
+                return conn
         try:
             row, conn = self._execute(self._queries.finish_job, params, conn)
         except _REFUSED as exc:
             return self._refused(job, exc, conn)
         self._count([job.id] if row and row[0] else [], [(job, outcome)])
         return conn
+
+    def _finish_handing_over(self, params: dict[str, Any], conn: Any) -> tuple[bool | None, Any]:
+        """Finish a cursor's job and claim the cursor's next job, if it is ours to run.
+
+        Only when a thread is free to start it at once. Returns (written, conn),
+        or (None, conn) when it did not run the statement, or lost its
+        connection doing so: the plain FINISH_JOB then writes the outcome
+        (fenced, so a hand-over that did commit costs a discarded outcome, and
+        its claimed job is released by maintenance like any lost claim reply).
+        """
+        extra = self._handing_over() if self._handing_over is not None else None
+        if extra is None or self.in_flight >= len(self._threads):
+            return None, conn
+        with self._claim_lock:
+            if not self._accepting:
+                return None, conn
+            statement = self._queries.finish_job_handing_over_prepared
+            try:
+                if conn is None or conn.closed:
+                    conn = self._connect()
+                with conn.cursor() as cur:
+                    if conn is not self._prepared_on:
+                        cur.execute(statement.prepare)
+                        cur.execute("SET plan_cache_mode = force_generic_plan")
+                        self._prepared_on = conn
+                    cur.execute(statement.execute, {**params, **extra})
+                    row = cur.fetchone()
+            except psycopg2.Error as exc:
+                if connection_failed(conn, exc) or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+                    if conn is not None:
+                        conn.close()
+                    return None, None
+                raise
+            claimed = row[3 : 3 + CLAIMED_COLUMNS]
+            if claimed[0] is not None:
+                # the cursor column: the data this statement saved, else the stored one
+                self.submit((*claimed[:CURSOR], row[-1], *claimed[CURSOR + 1 :]))
+                with self._lock:
+                    self.counts["handed_over"] += 1
+        return bool(row[0]), conn
 
     def _finish_many(self, batch: list[tuple[Job, Outcome]], conn: Any) -> Any:
         items = []

@@ -7,7 +7,8 @@ rows it changes with SKIP LOCKED, so two passes never act on the same job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -69,14 +70,16 @@ def run_maintenance(
     lost_after: float,
     retention: Mapping[str, float],
     worker_id: int,
-    owned: list[int],
+    owned: Callable[[], AbstractContextManager[list[int]]],
 ) -> None:
     """One pass: orphaned and lost jobs, timed-out jobs, dead workers' rows, old finished jobs.
 
-    ``owned``: the ids of the jobs this worker holds (claimed and not yet
-    written back); its other running jobs are orphans.
+    ``owned()``: the ids of the jobs this worker holds (claimed and not yet
+    written back), with no claim of its own in flight while the block runs;
+    its other running jobs are orphans.
     """
-    _liveness.release_orphaned_jobs(conn, queries, worker_id, owned)
+    with owned() as ids:
+        _liveness.release_orphaned_jobs(conn, queries, worker_id, ids)
     _liveness.mark_lost_jobs(conn, queries, lock_class, lost_after)
     expire_timed_out_jobs(conn, queries)
     with conn.cursor() as cur:

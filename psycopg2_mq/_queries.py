@@ -14,6 +14,26 @@ import sqlalchemy as sa
 
 from .model import Model, channel_sql
 
+# What a claim writes onto a job (``j``) and returns, shared by CLAIM_JOBS and
+# FINISH_JOB_HANDING_OVER: running under %(worker_id)s, the next attempt, and
+# the effective policy (the call's own, else the queue's from %(policies)s,
+# else the defaults), written so that any worker can later apply it.
+_CLAIM_SET = """    SET state = 'running', start_time = now(), end_time = NULL,
+        worker_id = %(worker_id)s, attempts = j.attempts + 1,
+        max_attempts = coalesce(j.max_attempts, (%(policies)s::jsonb -> j.queue ->> 'max_attempts')::int, 1),
+        lost_policy = coalesce(j.lost_policy, %(policies)s::jsonb -> j.queue ->> 'lost', 'hold'),
+        -- LEAST: a row written past MQSource's checks must not make every claim
+        -- fail (and LEAST skips NULLs, hence the CASE for "no timeout")
+        deadline = CASE
+            WHEN coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8) IS NULL THEN NULL
+            ELSE now() + make_interval(secs => LEAST(
+                coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8), 3.2e8))
+        END"""
+# (the order _executor.job_from_row reads; ``cursor`` is filled in afterwards)
+_CLAIM_RETURNING = """    RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
+        NULL::jsonb AS cursor, j.max_attempts, j.backoff,
+        EXTRACT(EPOCH FROM j.deadline - j.start_time)::float8 AS timeout"""
+
 # Claim up to %(limit)s due jobs of the worker's queues.
 #
 # Why it is safe under concurrency:
@@ -82,21 +102,9 @@ chosen AS (
 ),
 claimed AS (
     UPDATE {job} AS j
-    SET state = 'running', start_time = now(), end_time = NULL,
-        worker_id = %(worker_id)s, attempts = j.attempts + 1,
-        max_attempts = coalesce(j.max_attempts, (%(policies)s::jsonb -> j.queue ->> 'max_attempts')::int, 1),
-        lost_policy = coalesce(j.lost_policy, %(policies)s::jsonb -> j.queue ->> 'lost', 'hold'),
-        -- LEAST: a row written past MQSource's checks must not make every claim
-        -- fail (and LEAST skips NULLs, hence the CASE for "no timeout")
-        deadline = CASE
-            WHEN coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8) IS NULL THEN NULL
-            ELSE now() + make_interval(secs => LEAST(
-                coalesce(j.timeout, (%(policies)s::jsonb -> j.queue ->> 'timeout')::float8), 3.2e8))
-        END
+{claim_set}
     WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
-    RETURNING j.id, j.queue, j.method, j.args, j.cursor_key, j.trace, j.attempts, j.scheduled_time,
-        NULL::jsonb AS cursor, j.max_attempts, j.backoff,
-        EXTRACT(EPOCH FROM j.deadline - j.start_time)::float8 AS timeout
+{claim_returning}
 ),
 durability AS (
     SELECT set_config('synchronous_commit', CASE WHEN bool_or(cursor_key IS NOT NULL)
@@ -166,6 +174,68 @@ woken AS (
     ) AS p
 )
 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
+"""
+
+# FINISH_JOB that also claims the next job of the finished job's cursor, when
+# it is this worker's to run now: the cursor's head (the first pending job of
+# the cursor, in any queue, in (scheduled_time, id) order) is due, of a queue
+# in %(queues)s, not locked, and its cursor try-lock (as in CLAIM_JOBS) is
+# free. The cursor goes from one job to the next in one transaction, so there
+# is no NOTIFY, wake-up, claim and cursor read between them: the hop of a
+# cursor chain is one round trip and one WAL flush. The next job's cursor data
+# is the one this statement saves, else the stored one (nothing else can have
+# written it: the finished job held the cursor).
+#
+# Within the statement the finished job leaves the running state before the
+# next job enters it (``next_job`` reads ``done``), so uq_mq_job_active_cursor
+# sees one running job of the cursor at a time. The worker takes the claimed
+# job into its own set before maintenance can look (see ExecutorPool.handing_over).
+FINISH_JOB_HANDING_OVER = """
+WITH done AS (
+    UPDATE {job}
+    SET state = %(state)s, result = %(result)s::jsonb, end_time = now()
+    WHERE id = %(id)s AND state = 'running' AND attempts = %(attempt)s
+    RETURNING queue, cursor_key
+),
+saved AS (
+    INSERT INTO {cursor} AS cu (key, properties, updated_time)
+    SELECT done.cursor_key, %(cursor)s::jsonb, now() FROM done
+    WHERE done.cursor_key IS NOT NULL AND %(cursor)s::jsonb IS NOT NULL
+    ON CONFLICT (key) DO UPDATE SET properties = excluded.properties, updated_time = excluded.updated_time
+    RETURNING properties
+),
+head AS (
+    SELECT n.id FROM {job} AS n JOIN done ON n.cursor_key = done.cursor_key
+    WHERE n.state = 'pending'
+    ORDER BY n.scheduled_time, n.id
+    LIMIT 1
+),
+next_job AS (
+    SELECT n.id FROM {job} AS n JOIN head ON n.id = head.id
+    WHERE n.state = 'pending' AND n.scheduled_time <= now() AND n.queue = ANY(%(queues)s::text[])
+      AND pg_try_advisory_xact_lock(-%(lock_class)s, hashtext(n.cursor_key))
+    FOR UPDATE OF n SKIP LOCKED
+),
+claimed AS (
+    UPDATE {job} AS j
+{claim_set}
+    WHERE j.id = (SELECT id FROM next_job)
+{claim_returning}
+),
+woken AS (
+    SELECT pg_notify({channel}, '') FROM (
+        SELECT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
+        WHERE p.state = 'pending'
+        UNION
+        SELECT done.queue FROM done WHERE done.cursor_key IS NOT NULL
+    ) AS p
+    WHERE NOT EXISTS (SELECT FROM claimed)
+)
+SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken),
+       claimed.*,
+       coalesce((SELECT properties FROM saved),
+                (SELECT cu.properties FROM {cursor} AS cu WHERE cu.key = claimed.cursor_key), '{{}}'::jsonb)
+FROM (SELECT) AS one LEFT JOIN claimed ON true
 """
 
 # FINISH_JOB for a batch: %(outcomes)s is a JSON array of
@@ -422,13 +492,63 @@ def _table_sql(table: sa.Table) -> str:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A statement of this module as a prepared statement: ``PREPARE`` once per
+    connection, then ``execute`` with the same ``%(name)s`` parameters.
+
+    Prepared with ``plan_cache_mode = force_generic_plan`` in mind: the worker's
+    hot statements take longer to plan for their parameters than to run, and
+    their plans do not depend on them.
+    """
+
+    prepare: str
+    execute: str
+
+    @classmethod
+    def of(cls, name: str, sql: str, params: tuple[tuple[str, str], ...]) -> Prepared:
+        """``params``: (parameter name, SQL type) in $n order."""
+        for n, (param, _) in enumerate(params, start=1):
+            sql = sql.replace(f"%({param})s", f"${n}")
+        types = ", ".join(sql_type for _, sql_type in params)
+        placeholders = ", ".join(f"%({param})s" for param, _ in params)
+        return cls(
+            prepare=f"PREPARE {name} ({types}) AS {sql}".replace("%%", "%"),
+            execute=f"EXECUTE {name} ({placeholders})",
+        )
+
+
+#: parameters and their types, in $n order, of the statements the worker prepares
+_CLAIM_PARAMS = (
+    ("queues", "text[]"),
+    ("limit", "integer"),
+    ("worker_id", "integer"),
+    ("policies", "text"),
+    ("lock_class", "integer"),
+)
+_HANDING_OVER_PARAMS = (
+    ("id", "bigint"),
+    ("attempt", "integer"),
+    ("state", "text"),
+    ("result", "text"),
+    ("cursor", "text"),
+    ("queues", "text[]"),
+    ("worker_id", "integer"),
+    ("policies", "text"),
+    ("lock_class", "integer"),
+)
+
+
+@dataclass(frozen=True)
 class Queries:
     """The statements above, with the model's table names filled in."""
 
     claim_jobs: str
+    claim_jobs_prepared: Prepared
+    finish_job_handing_over_prepared: Prepared
     read_cursors: str
     seconds_until_next_job: str
     finish_job: str
+    finish_job_handing_over: str
     finish_jobs: str
     retry_job: str
     register_worker: str
@@ -447,12 +567,21 @@ class Queries:
             "cursor": _table_sql(model.cursor_table),
             "worker": _table_sql(model.worker_table),
             "channel": channel_sql("p.queue"),
+            "claim_set": _CLAIM_SET,
+            "claim_returning": _CLAIM_RETURNING,
         }
+        claim_jobs = CLAIM_JOBS.format(**names)
+        finish_job_handing_over = FINISH_JOB_HANDING_OVER.format(**names)
         return cls(
-            claim_jobs=CLAIM_JOBS.format(**names),
+            claim_jobs=claim_jobs,
+            claim_jobs_prepared=Prepared.of("mq_claim_jobs", claim_jobs, _CLAIM_PARAMS),
+            finish_job_handing_over_prepared=Prepared.of(
+                "mq_finish_job_handing_over", finish_job_handing_over, _HANDING_OVER_PARAMS
+            ),
             read_cursors=READ_CURSORS.format(**names),
             seconds_until_next_job=SECONDS_UNTIL_NEXT_JOB.format(**names),
             finish_job=FINISH_JOB.format(**names),
+            finish_job_handing_over=finish_job_handing_over,
             finish_jobs=FINISH_JOBS.format(**names),
             retry_job=RETRY_JOB.format(**names),
             register_worker=REGISTER_WORKER.format(**names),

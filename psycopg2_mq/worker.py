@@ -144,6 +144,7 @@ class MQWorker:
             handlers=self.queues,
             on_idle=self._on_job_done,
             name=self.name,
+            handing_over=self._handing_over,
         )
         try:
             self._serve()
@@ -178,6 +179,7 @@ class MQWorker:
             "failed_jobs": pool.counts["failed"] if pool else 0,
             "retried_jobs": pool.counts["retry"] if pool else 0,
             "discarded_outcomes": pool.counts["discarded"] if pool else 0,
+            "handed_over_jobs": pool.counts["handed_over"] if pool else 0,
             "last_maintenance_age": None
             if self._last_maintenance is None
             else time.monotonic() - self._last_maintenance,
@@ -228,7 +230,7 @@ class MQWorker:
                     self.lost_after,
                     self.retention,
                     self.worker_id,
-                    self._pool.owned_job_ids(),
+                    self._pool.owned_while_no_claims,
                 )
                 self._last_maintenance = now
                 next_maintenance = now + self.maintenance_interval
@@ -261,6 +263,17 @@ class MQWorker:
         pool = self._pool
         if pool is not None and pool.in_flight <= self.threads + self._prefetch_now() // 2:
             self._waker.wake()
+
+    def _handing_over(self) -> dict[str, Any] | None:
+        """What the completer needs to claim a finished cursor job's successor (None: don't)."""
+        if self._stopping.is_set() or self.worker_id is None:
+            return None
+        return {
+            "queues": self._queue_names,
+            "worker_id": self.worker_id,
+            "lock_class": self.model.lock_class,
+            "policies": self._policies,
+        }
 
     def _prefetch_now(self) -> int:
         """How many jobs to hold beyond the threads, from how long jobs take."""

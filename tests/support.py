@@ -63,7 +63,7 @@ def enqueue(engine: sa.Engine, model: Any, *calls: tuple[Any, ...], **kwargs: An
 
 def job_states(engine: sa.Engine, model: Any) -> dict[int, str]:
     with Session(engine) as session:
-        return dict(session.execute(sa.select(model.Job.id, model.Job.state)).tuples().all())
+        return {row[0]: row[1] for row in session.execute(sa.select(model.Job.id, model.Job.state))}
 
 
 def fetch_job(engine: sa.Engine, model: Any, job_id: int) -> Any:
