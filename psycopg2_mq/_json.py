@@ -15,10 +15,14 @@ class NotJSONError(TypeError):
     """A value cannot be stored as JSON."""
 
 
+#: built once: json.dumps with options builds an encoder per call, a cost per queued job
+_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(value: Any, what: str = "value") -> str:
     """Serialize ``value`` for a ``jsonb`` column or raise :class:`NotJSONError`."""
     try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise NotJSONError(f"{what} must be JSON-serializable: {exc}") from None
     if "\\u0000" in text:

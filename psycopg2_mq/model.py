@@ -17,6 +17,9 @@ The indexes are the part that matters most:
 * ``uq_mq_job_active_cursor`` makes "at most one running-or-lost job per
   cursor" a database rule: two workers can never run the same cursor at once,
   even if the application code had a bug.
+
+Both unique indexes hold only rows with a cursor key: jobs without one (most
+of them) skip an index insert at every enqueue and claim.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ def make_default_model(metadata: sa.MetaData) -> Model:
                 conv("uq_mq_job_pending_cursor"),
                 "cursor_key",
                 unique=True,
-                postgresql_where=sa.text("state = 'pending' AND collapsible"),
+                postgresql_where=sa.text("state = 'pending' AND collapsible AND cursor_key IS NOT NULL"),
             ),
             sa.Index(
                 conv("ix_mq_job_pending_cursor"),
@@ -183,7 +186,7 @@ def make_default_model(metadata: sa.MetaData) -> Model:
                 conv("uq_mq_job_active_cursor"),
                 "cursor_key",
                 unique=True,
-                postgresql_where=sa.text(f"state IN ({holding})"),
+                postgresql_where=sa.text(f"state IN ({holding}) AND cursor_key IS NOT NULL"),
             ),
             sa.Index(
                 conv("ix_mq_job_finished"),
@@ -307,7 +310,7 @@ BEGIN
         NEW.on_finish->>'cursor_key',
         jsonb_build_object('on_finish_of', NEW.id)
     )
-    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING;
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible AND cursor_key IS NOT NULL DO NOTHING;
     RETURN NULL;
 END
 $$;

@@ -206,7 +206,8 @@ class MQSource:
                 if policy["backoff"] is not None:
                     _set(optional["backoff"], n, i, json.dumps(policy["backoff"]))
         columns.update(optional)
-        rows = self._connection().exec_driver_sql(_plain_insert_sql(self.model), columns).all()
+        params = {name: _array_literal(values) for name, values in columns.items()}
+        rows = self._connection().exec_driver_sql(_plain_insert_sql(self.model), params).all()
         return [row[0] for row in rows]
 
     # -- inspecting -----------------------------------------------------------
@@ -635,7 +636,7 @@ def _insert_statement(model: Model, collapsing: bool) -> _Insert:
         # new_instance() skips the mapper's own configure step
         sa.orm.configure_mappers()
         conflict = (
-            "ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING"
+            "ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible AND cursor_key IS NOT NULL DO NOTHING"
             if collapsing
             else ""
         )
@@ -680,6 +681,23 @@ def _bulk_item(
     if on_finish is not None:
         tail += f',"on_finish":{on_finish}'
     return head + tail + "}"
+
+
+def _array_literal(values: list[Any]) -> str:
+    """A PostgreSQL array literal (``{"a",NULL,"b"}``) of str, number or datetime values.
+
+    Sent as one text parameter, it is parsed by the server's array input in
+    one go: a Python list becomes ``ARRAY['a', NULL, 'b']``, an expression of
+    one constant per element that took twice as long to send and plan.
+    """
+    items = []
+    for value in values:
+        if value is None:
+            items.append("NULL")
+            continue
+        text = value.isoformat() if isinstance(value, datetime) else str(value)
+        items.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(items) + "}"
 
 
 def _set(column: list[Any], n: int, i: int, value: Any) -> None:
@@ -753,7 +771,7 @@ ins AS (
     SELECT new_id, queue, method, args, 'pending', cursor_key, collapsible, trace, on_finish, scheduled_time,
            max_attempts, backoff, lost_policy, timeout
     FROM v ORDER BY ord
-    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible DO NOTHING
+    ON CONFLICT (cursor_key) WHERE state = 'pending' AND collapsible AND cursor_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT v.ord, coalesce(

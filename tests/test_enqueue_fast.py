@@ -150,14 +150,19 @@ def test_call_many_plain_rows_match_call(engine, model, dbsession, mq):
         {"args": {"n": 6}, "backoff": Backoff(base=2)},
         {"args": {"n": 7}, "on_finish": {"queue": "cb", "method": "done"}},
         {"args": {"n": 8}, "timeout": timedelta(seconds=3)},
+        # what an array literal must escape, or could mistake for a NULL
+        {"args": {"q": 'a "quoted", {braced} \\ back\\slash', "u": "ñ ✉ \u2028"}, "trace": "NULL"},
+        {"args": "NULL", "trace": {"k": "}{,"}, "lost_policy": "hold"},
     ]
-    ids = mq.call_many([{"queue": "q", "method": f"m{i}", **c} for i, c in enumerate(calls)])
-    single = [mq.call("q", f"m{i}", **c).id for i, c in enumerate(calls)]
+    # queue names that need quoting inside an array literal, too
+    queue = 'q "x", {y} \\ NULL'
+    ids = mq.call_many([{"queue": queue, "method": f"m{i}", **c} for i, c in enumerate(calls)])
+    single = [mq.call(queue, f"m{i}", **c).id for i, c in enumerate(calls)]
     dbsession.commit()
     volatile = {"id", "created_time", "scheduled_time"}
     for i, (bulk_id, call_id) in enumerate(zip(ids, single, strict=True)):
         bulk, one = loaded(engine, model, bulk_id), loaded(engine, model, call_id)
-        assert bulk["method"] == f"m{i}"
+        assert (bulk["queue"], bulk["method"]) == (queue, f"m{i}")
         assert {k: v for k, v in bulk.items() if k not in volatile} == {
             k: v for k, v in one.items() if k not in volatile
         }

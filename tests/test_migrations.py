@@ -392,3 +392,53 @@ def test_fold_into_application_history(
         "app_user_id_seq",
         "pk_app_user",
     }
+
+
+def test_this_code_runs_on_the_0002_schema_and_0003_upgrades_in_place(
+    create_database: Callable[[str], sa.URL],
+) -> None:
+    """Workers and sources may be upgraded before the 0003 migration runs: the
+    new ``ON CONFLICT`` clauses also infer 0002's cursor indexes."""
+    from sqlalchemy.orm import Session
+
+    from psycopg2_mq import MQSource, make_default_model
+
+    url = create_database("mq_alembic_0002")
+    cfg = alembic_config(url)
+    alembic.command.upgrade(cfg, "mq_0002")
+    engine = sa.create_engine(url)
+    model = make_default_model(sa.MetaData())
+    try:
+        for revision in ("mq_0002", "mq_0003"):
+            if revision == "mq_0003":
+                alembic.command.upgrade(cfg, "mq_0003")
+            with Session(engine) as session, session.begin():
+                source = MQSource(dbsession=session, model=model)
+                key = f"k-{revision}"
+                first = source.call("q", "m", {}, cursor_key=key)
+                assert source.call("q", "m", {}, cursor_key=key) is first  # collapsed
+                ids = source.call_many(
+                    [("q", "m", {}), {"queue": "q", "method": "m", "args": {}, "cursor_key": key}]
+                )
+                assert ids[1] == first.id
+                # on_finish (the trigger's ON CONFLICT) collapses too
+                done = [
+                    source.call(
+                        "q", "m", {}, on_finish={"queue": "cb", "method": "m", "cursor_key": f"cb-{revision}"}
+                    )
+                    for _ in range(2)
+                ]
+                session.flush()
+                session.execute(
+                    sa.update(model.Job)
+                    .where(model.Job.id.in_([j.id for j in done]))
+                    .values(state="canceled")
+                )
+                callbacks = session.scalars(
+                    sa.select(model.Job).where(
+                        model.Job.queue == "cb", model.Job.cursor_key == f"cb-{revision}"
+                    )
+                ).all()
+                assert len(callbacks) == 1
+    finally:
+        engine.dispose()
