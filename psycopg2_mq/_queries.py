@@ -69,7 +69,11 @@ _CLAIM_RETURNING = """    RETURNING j.id, j.queue, j.method, j.args, j.cursor_ke
 #   claim holding a cursor's job keeps the server's setting, so a cursor's
 #   jobs never run side by side, crash or not.
 #
-# Speed: the LATERAL per queue walks the partial index ``ix_mq_job_claim``
+# Speed: ``h.cursor_key IS NOT NULL`` is for the planner: the generic plan turns
+# the first NOT EXISTS into a hashed subplan, which can use the partial index
+# ``uq_mq_job_active_cursor`` (cursor keys only) only if its query says so; it
+# scanned the whole table without.
+# The LATERAL per queue walks the partial index ``ix_mq_job_claim``
 # (pending rows only) in (scheduled_time, id) order and stops after %(limit)s.
 # The worker runs it as a prepared statement with a generic plan (planning
 # it each time cost more than running it); ``id = ANY(ARRAY(...))`` keeps
@@ -86,7 +90,7 @@ WITH candidates AS (
           AND (j.cursor_key IS NULL OR (
                 NOT EXISTS (
                     SELECT 1 FROM {job} AS h
-                    WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost'))
+                    WHERE h.cursor_key = j.cursor_key AND h.cursor_key IS NOT NULL AND h.state IN ('running', 'lost'))
                 AND NOT EXISTS (
                     SELECT 1 FROM {job} AS e
                     WHERE e.cursor_key = j.cursor_key AND e.state = 'pending'
@@ -135,7 +139,7 @@ CROSS JOIN LATERAL (
     WHERE j.state = 'pending' AND j.queue = q.name
       AND (j.cursor_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {job} AS h
-            WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')))
+            WHERE h.cursor_key = j.cursor_key AND h.cursor_key IS NOT NULL AND h.state IN ('running', 'lost')))
     ORDER BY j.scheduled_time, j.id
     LIMIT 1
 ) AS nxt

@@ -302,7 +302,7 @@ class MQSource:
                 f"""
             SELECT EXTRACT(EPOCH FROM j.scheduled_time - now())::float8,
                    (SELECT array[h.id::text, h.state] FROM {table} AS h
-                    WHERE h.cursor_key = j.cursor_key AND h.state IN ('running', 'lost')),
+                    WHERE h.cursor_key = j.cursor_key AND h.cursor_key IS NOT NULL AND h.state IN ('running', 'lost')),
                    (SELECT count(*) FROM {table} AS a
                     WHERE a.cursor_key = j.cursor_key AND a.state = 'pending' AND a.id <> j.id
                       AND (a.scheduled_time, a.id) < (j.scheduled_time, j.id)),
