@@ -155,7 +155,7 @@ CROSS JOIN LATERAL (
 # Fencing: the UPDATE matches only while the job is still ``running`` with the
 # attempt this worker claimed; a worker presumed dead (its job marked lost, or
 # retried and claimed again) matches nothing and writes nothing, cursor included.
-FINISH_JOB = """
+_FINISH_ONE = """
 WITH done AS (
     UPDATE {job}
     SET state = %(state)s, result = %(result)s::jsonb, end_time = now()
@@ -167,18 +167,27 @@ saved AS (
     SELECT done.cursor_key, %(cursor)s::jsonb, now() FROM done
     WHERE done.cursor_key IS NOT NULL AND %(cursor)s::jsonb IS NOT NULL
     ON CONFLICT (key) DO UPDATE SET properties = excluded.properties, updated_time = excluded.updated_time
-    RETURNING 1
-),
+    RETURNING properties
+),"""
+
+# wakes the workers of the queues with a job pending on the freed cursor
+_WOKEN = """
 woken AS (
     SELECT pg_notify({channel}, '') FROM (
         SELECT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
         WHERE p.state = 'pending'
         UNION
         SELECT done.queue FROM done WHERE done.cursor_key IS NOT NULL
-    ) AS p
+    ) AS p"""
+
+FINISH_JOB = (
+    _FINISH_ONE
+    + _WOKEN
+    + """
 )
 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken)
 """
+)
 
 # FINISH_JOB that also claims the next job of the finished job's cursor, when
 # it is this worker's to run now: the cursor's head (the first pending job of
@@ -194,20 +203,9 @@ SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(
 # next job enters it (``next_job`` reads ``done``), so uq_mq_job_active_cursor
 # sees one running job of the cursor at a time. The worker takes the claimed
 # job into its own set before maintenance can look (see ExecutorPool.handing_over).
-FINISH_JOB_HANDING_OVER = """
-WITH done AS (
-    UPDATE {job}
-    SET state = %(state)s, result = %(result)s::jsonb, end_time = now()
-    WHERE id = %(id)s AND state = 'running' AND attempts = %(attempt)s
-    RETURNING queue, cursor_key
-),
-saved AS (
-    INSERT INTO {cursor} AS cu (key, properties, updated_time)
-    SELECT done.cursor_key, %(cursor)s::jsonb, now() FROM done
-    WHERE done.cursor_key IS NOT NULL AND %(cursor)s::jsonb IS NOT NULL
-    ON CONFLICT (key) DO UPDATE SET properties = excluded.properties, updated_time = excluded.updated_time
-    RETURNING properties
-),
+FINISH_JOB_HANDING_OVER = (
+    _FINISH_ONE
+    + """
 head AS (
     SELECT n.id FROM {job} AS n JOIN done ON n.cursor_key = done.cursor_key
     WHERE n.state = 'pending'
@@ -225,14 +223,9 @@ claimed AS (
 {claim_set}
     WHERE j.id = (SELECT id FROM next_job)
 {claim_returning}
-),
-woken AS (
-    SELECT pg_notify({channel}, '') FROM (
-        SELECT p.queue FROM {job} AS p JOIN done ON p.cursor_key = done.cursor_key
-        WHERE p.state = 'pending'
-        UNION
-        SELECT done.queue FROM done WHERE done.cursor_key IS NOT NULL
-    ) AS p
+),"""
+    + _WOKEN
+    + """
     WHERE NOT EXISTS (SELECT FROM claimed)
 )
 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(*) FROM woken),
@@ -241,6 +234,7 @@ SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM saved), (SELECT count(
                 (SELECT cu.properties FROM {cursor} AS cu WHERE cu.key = claimed.cursor_key), '{{}}'::jsonb)
 FROM (SELECT) AS one LEFT JOIN claimed ON true
 """
+)
 
 # FINISH_JOB for a batch: %(outcomes)s is a JSON array of
 # {id, attempt, state, result, cursor?} (cursor present only when it is to be

@@ -8,7 +8,9 @@ its outcome is written, or the lost-job policy recovers it.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,35 @@ def test_completer_connection_terminated_outcome_is_still_written(
     assert a.alive() and a.stop() == 0
 
 
+@contextlib.contextmanager
+def _drain_through(
+    model: Any, private_pg: PrivateServer, tmp_path: Path, fault: Any, *, jobs: int, cursors: int, workers: int
+) -> Iterator[WorkerFleet]:
+    """Drain through two faults of the private server and check every invariant;
+    the block then looks at the fleet before it stops."""
+    engine = private_pg.engine
+    assert engine is not None
+    with worker_fleet(engine.url, tmp_path) as fleet:
+        report = drain(
+            engine,
+            model,
+            fleet,
+            jobs=jobs,
+            cursors=cursors,
+            workers=workers,
+            threads=2,
+            fault=fault,
+            fault_at=(0.25, 0.6),
+            job_args={"sleep": 0.002},
+            call=DRAIN_CALL,
+        )
+        print("\n" + report.summary())
+        assert len(report.faults) == 2
+        check_drain(report)
+        yield fleet
+        report.raise_if_stranded()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_terminating_all_backends_while_draining_loses_nothing(
@@ -128,31 +159,12 @@ def test_terminating_all_backends_while_draining_loses_nothing(
 def test_postgres_restart_while_draining_loses_nothing(
     model: Any, private_pg: PrivateServer, tmp_path: Path
 ) -> None:
-    engine = private_pg.engine
-    assert engine is not None
-    with worker_fleet(engine.url, tmp_path) as fleet:
-        report = drain(
-            engine,
-            model,
-            fleet,
-            jobs=5000,
-            cursors=50,
-            workers=4,
-            threads=2,
-            fault=private_pg.restart,
-            fault_at=(0.25, 0.6),
-            job_args={"sleep": 0.002},
-            call=DRAIN_CALL,
-        )
-        print("\n" + report.summary())
-        assert len(report.faults) == 2
-        check_drain(report)
+    with _drain_through(model, private_pg, tmp_path, private_pg.restart, jobs=5000, cursors=50, workers=4) as fleet:
         for proc in fleet.started:
             log = proc.log()
             assert count_lines(log, LOST_LINE) <= 2 and count_lines(log, BACK_LINE) == count_lines(
                 log, LOST_LINE
             )
-        report.raise_if_stranded()
 
 
 @pytest.mark.slow
@@ -169,26 +181,8 @@ def test_postgres_crash_while_draining_loses_nothing(
     invariants hold: one final outcome per job, no claim run twice, cursors
     serial.
     """
-    engine = private_pg.engine
-    assert engine is not None
-    with worker_fleet(engine.url, tmp_path) as fleet:
-        report = drain(
-            engine,
-            model,
-            fleet,
-            jobs=3000,
-            cursors=cursors,
-            workers=3,
-            threads=2,
-            fault=private_pg.crash,
-            fault_at=(0.3, 0.7),
-            job_args={"sleep": 0.002},
-            call=DRAIN_CALL,
-        )
-        print("\n" + report.summary())
-        assert len(report.faults) == 2
-        check_drain(report)
-        report.raise_if_stranded()
+    with _drain_through(model, private_pg, tmp_path, private_pg.crash, jobs=3000, cursors=cursors, workers=3):
+        pass
 
 
 @pytest.mark.timeout(180)
