@@ -265,8 +265,13 @@ class MQWorker:
             self._waker.wake()
 
     def _handing_over(self) -> dict[str, Any] | None:
-        """What the completer needs to claim a finished cursor job's successor (None: don't)."""
-        if self._stopping.is_set() or self.worker_id is None:
+        """What the completer needs to claim a finished cursor job's successor (None: don't).
+
+        Not while the dispatcher is disconnected: its liveness lock may be gone,
+        and other workers would take jobs claimed meanwhile for a dead worker's.
+        """
+        conn = self._conn
+        if self._stopping.is_set() or self.worker_id is None or conn is None or conn.closed:
             return None
         return {
             "queues": self._queue_names,

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from psycopg2_mq import JobStates
+from psycopg2_mq import JobStates, MQWorker
 
 from .support import RecordingQueue, enqueue, job_states, running_worker, wait_until
 
@@ -139,3 +139,19 @@ def test_maintenance_never_takes_a_handed_over_job_for_an_orphan(engine, model):
     with engine.connect() as conn:
         errors = conn.execute(sa.select(model.Job.id).where(model.Job.errors.is_not(None))).all()
     assert errors == []
+
+
+def test_nothing_is_handed_over_while_the_dispatcher_is_disconnected(engine, model):
+    """Its liveness lock may be gone; jobs claimed then would be released as a dead worker's."""
+    worker = MQWorker(engine=engine, model=model, queues={"q": RecordingQueue()})
+    worker.worker_id = 1
+
+    class Connection:
+        closed = 0
+
+    worker._conn = Connection()
+    assert worker._handing_over() is not None
+    worker._conn.closed = 2  # psycopg2: closed by a failure
+    assert worker._handing_over() is None
+    worker._conn = None  # as _disconnect leaves it
+    assert worker._handing_over() is None
