@@ -80,6 +80,12 @@ def connection_failed(conn: Any, exc: psycopg2.Error) -> bool:
     return type(exc) is psycopg2.DatabaseError and exc.pgcode is None
 
 
+def _worth_a_new_connection(conn: Any, exc: psycopg2.Error) -> bool:
+    """For the completer: the connection is gone, or the error is operational (a
+    cancel, a timeout) and a fresh connection may succeed; not a refusal."""
+    return connection_failed(conn, exc) or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
 def error_result(exc: BaseException) -> dict[str, Any]:
     """The structured result stored for a job that raised ``exc``."""
     kind = type(exc)
@@ -381,7 +387,7 @@ class ExecutorPool:
                     cur.execute(statement.execute, {**params, **extra})
                     row = cur.fetchone()
             except psycopg2.Error as exc:
-                if connection_failed(conn, exc) or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+                if _worth_a_new_connection(conn, exc):
                     if conn is not None:
                         conn.close()
                     return None, None
@@ -459,9 +465,7 @@ class ExecutorPool:
                     cur.execute(sql, params)
                     return cur.fetchone(), conn
             except psycopg2.Error as exc:
-                if not (
-                    connection_failed(conn, exc) or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
-                ):
+                if not _worth_a_new_connection(conn, exc):
                     raise
                 if conn is not None:
                     conn.close()

@@ -546,7 +546,6 @@ class Queries:
     read_cursors: str
     seconds_until_next_job: str
     finish_job: str
-    finish_job_handing_over: str
     finish_jobs: str
     retry_job: str
     register_worker: str
@@ -579,7 +578,6 @@ class Queries:
             read_cursors=READ_CURSORS.format(**names),
             seconds_until_next_job=SECONDS_UNTIL_NEXT_JOB.format(**names),
             finish_job=FINISH_JOB.format(**names),
-            finish_job_handing_over=finish_job_handing_over,
             finish_jobs=FINISH_JOBS.format(**names),
             retry_job=RETRY_JOB.format(**names),
             register_worker=REGISTER_WORKER.format(**names),
